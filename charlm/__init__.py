@@ -1,0 +1,32 @@
+"""charlm: character-level RNN language models with PyTorch Lightning and Hydra."""
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/ and data/ live here
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad input file, bad checkpoint).
+
+    Entry points print its message as one line and exit non-zero, without a traceback.
+    The message is one sentence that names the fix.
+    """
+
+
+@contextmanager
+def reported_user_errors():
+    """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and exit code 2."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,264 @@
+"""Corpus -> cached token array -> contiguous splits -> TBPTT streams or random windows, sharded per rank."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from charlm import UserError
+from charlm.vocab import CharVocab
+
+PREPROCESS = ("none", "d2l")
+SAMPLING = ("tbptt", "random")
+STAGES = ("train", "val", "test")
+_CACHE_FORMAT = 1  # bump when the cache layout changes, so stale caches are rebuilt
+
+Batch = tuple[torch.Tensor, torch.Tensor, bool]  # x [B, T] int64, y [B, T] int64, reset: streams start afresh
+
+
+def read_corpus(path: str | Path) -> bytes:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"corpus file {str(path)!r} does not exist; pass an existing UTF-8 text file as data.path.")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"corpus file {str(path)!r} is empty; pass a file with text in it as data.path.")
+    return raw
+
+
+def decode_corpus(raw: bytes, path: str | Path, preprocess: str = "none") -> str:
+    """UTF-8 text, optionally reduced as d2l's ``read_time_machine`` does (lower-case letters and spaces)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"corpus file {str(path)!r} is not valid UTF-8 at byte offset {e.start}; convert it (e.g. iconv -t UTF-8)."
+        ) from None
+    if preprocess == "d2l":
+        # d2l.TimeMachine._preprocess: every run of non-letters becomes one space, then lower-case.
+        text = re.sub("[^A-Za-z]+", " ", text).lower()
+    return text
+
+
+def load_tokens(
+    path: str | Path, preprocess: str = "none", unk: str | None = "\ufffd", cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, CharVocab]:
+    """Tokenize ``path`` once and memory-map the result on later calls.
+
+    The cache directory is keyed by the file's content hash plus the options that change the tokens, and
+    holds ``tokens.npy`` (uint8/uint16) next to ``vocab.json``. Both are written to temporary names and
+    renamed, so concurrent ranks or an interrupted run never leave a half-written cache behind.
+    """
+    if preprocess not in PREPROCESS:
+        raise UserError(f"data.preprocess={preprocess!r} is not known; use one of {', '.join(PREPROCESS)}.")
+    raw = read_corpus(path)
+    key = hashlib.sha1(raw)
+    key.update(repr((_CACHE_FORMAT, preprocess, unk)).encode())
+    cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{Path(path).stem}-{key.hexdigest()[:16]}"
+    tokens_file, vocab_file = cache / "tokens.npy", cache / "vocab.json"
+    if not (tokens_file.is_file() and vocab_file.is_file()):
+        text = decode_corpus(raw, path, preprocess)
+        if not text:
+            raise UserError(f"corpus file {str(path)!r} is empty after data.preprocess={preprocess}; use another file.")
+        vocab = CharVocab.from_text(text, unk=unk)
+        tokens = vocab.encode(text)
+        cache.mkdir(parents=True, exist_ok=True)
+        suffix = f".tmp{os.getpid()}"
+        np.save(tokens_file.with_suffix(suffix + ".npy"), tokens)
+        vocab.save(vocab_file.with_suffix(suffix))
+        os.replace(tokens_file.with_suffix(suffix + ".npy"), tokens_file)
+        os.replace(vocab_file.with_suffix(suffix), vocab_file)
+    return np.load(tokens_file, mmap_mode="r"), CharVocab.load(vocab_file)
+
+
+def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
+    splits = tuple(float(f) for f in splits)
+    if len(splits) != 3 or any(f < 0 for f in splits) or abs(sum(splits) - 1) > 1e-6 or min(splits[:2]) <= 0:
+        raise UserError(
+            f"data.splits={list(splits)} is not valid; give three fractions [train, val, test] that sum to 1, "
+            "with train and val above 0."
+        )
+    return splits
+
+
+def split_tokens(tokens: np.ndarray, splits: Sequence[float]) -> dict[str, np.ndarray]:
+    """Contiguous train / val / test slices (views, no copy) in corpus order."""
+    n = len(tokens)
+    a = round(n * splits[0])
+    b = a + round(n * splits[1])
+    return dict(zip(STAGES, (tokens[:a], tokens[a:b], tokens[b:]), strict=True))
+
+
+class StreamBatches(IterableDataset):
+    """TBPTT batches: the split is cut into ``world_size * batch_size`` contiguous streams.
+
+    With 2 ranks, 2 streams each, the split a b c d e f g h i j k l m n o p q r is laid out as::
+
+        rank 0: stream 0  a b c d    rank 1: stream 0  i j k l
+                stream 1  e f g h            stream 1  m n o p
+
+    and batch k is columns [k*T, (k+1)*T) of its rank's block: batch k+1 continues every stream exactly
+    where batch k stopped, so the model may carry its hidden state across batches. ``y`` is the same block
+    shifted by one character. Every rank yields the same number of batches.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ):
+        self.stream_len = (len(tokens) - 1) // (batch_size * world_size)
+        base = rank * batch_size * self.stream_len
+        span = batch_size * self.stream_len
+        self.x = tokens[base : base + span].reshape(batch_size, self.stream_len)  # [B, L]
+        self.y = tokens[base + 1 : base + span + 1].reshape(batch_size, self.stream_len)  # [B, L]
+        self.seq_len = seq_len
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.stream_len, self.seq_len)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for k in range(len(self)):
+            cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
+            yield _to_long(self.x[:, cols]), _to_long(self.y[:, cols]), k == 0
+
+
+class RandomWindows(IterableDataset):
+    """d2l / nanoGPT-style batches of independent random windows; the model resets its state every batch.
+
+    An epoch has as many batches as TBPTT would, and its windows are drawn from a generator seeded by
+    (seed, epoch, rank), so a resumed run draws the same windows it would have drawn.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: Callable[[], int] = lambda: 0,
+    ):
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.rank, self.seed, self.epoch = rank, seed, epoch
+        self.num_batches = (len(tokens) - 1) // (batch_size * world_size * seq_len)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, self.epoch(), self.rank])
+        offsets = np.arange(self.seq_len + 1)
+        for _ in range(self.num_batches):
+            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+            window = np.asarray(self.tokens[starts[:, None] + offsets])  # [B, T+1]
+            yield _to_long(window[:, :-1]), _to_long(window[:, 1:]), True
+
+
+def _to_long(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.int64))
+
+
+class CharDataModule(pl.LightningDataModule):
+    """Character corpus -> (x, y, reset) batches per stage, sharded by rank without a DistributedSampler.
+
+    Evaluation always uses TBPTT streams of ``eval_batch_size`` with the state carried, so that val / test
+    numbers cover every character of the split once and do not depend on the training sampler.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        preprocess: str = "none",
+        splits: Sequence[float] = (0.9, 0.05, 0.05),
+        batch_size: int = 32,
+        seq_len: int = 128,
+        eval_batch_size: int = 16,
+        sampling: str = "tbptt",
+        unk: str | None = "\ufffd",
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sampling not in SAMPLING:
+            raise UserError(f"data.sampling={sampling!r} is not known; use one of {', '.join(SAMPLING)}.")
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
+            if int(value) < 1:
+                raise UserError(f"data.{name}={value} must be a positive integer; set it to 1 or more.")
+        self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
+        self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
+        self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
+        self._tokens: np.ndarray | None = None
+        self._vocab: CharVocab | None = None
+
+    @property
+    def vocab(self) -> CharVocab:
+        if self._vocab is None:
+            self._tokens, self._vocab = load_tokens(self.path, self.preprocess, self.unk, self.cache_dir)
+        return self._vocab
+
+    @property
+    def parts(self) -> dict[str, np.ndarray]:
+        self.vocab  # noqa: B018 - loads the tokens
+        return split_tokens(self._tokens, self.splits)
+
+    def check_sizes(self, world_size: int = 1) -> None:
+        """Raise a UserError, before any training, if a split cannot fill one batch on every rank."""
+        for stage, part in self.parts.items():
+            if stage == "test" and self.splits[2] == 0:
+                continue
+            batch = self.batch_size if stage == "train" else self.eval_batch_size
+            need = batch * world_size * self.seq_len + 1
+            if len(part) < need:
+                raise UserError(
+                    f"the {stage} split has {len(part):,} characters but batch {batch} x seq_len {self.seq_len}"
+                    f" x {world_size} rank(s) needs at least {need:,}; lower data.batch_size / data.seq_len"
+                    " or use a larger corpus."
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.check_sizes(world)
+        self.rank, self.world_size = rank, world
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer else 0
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        # batch_size=None: the datasets yield whole batches already.
+        return DataLoader(dataset, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        part = self.parts["train"]
+        if self.sampling == "random":
+            ds = RandomWindows(part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch)
+        else:
+            ds = StreamBatches(part, self.batch_size, self.seq_len, self.rank, self.world_size)
+        return self._loader(ds)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        ds = StreamBatches(
+            self.parts[stage], self.eval_batch_size, self.seq_len, self.rank, self.world_size, drop_last=False
+        )
+        return self._loader(ds)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

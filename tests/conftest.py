@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny corpus, a private token cache, and Hydra configs composed as train.py composes them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import train  # noqa: F401 - registers the ${charlm_root:} resolver
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_text(n: int = 6000, seed: int = 0) -> str:
+    """Pseudo-English: random words over a small alphabet, so windows rarely repeat and models learn fast."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(40)]
+    out = []
+    while sum(map(len, out)) < n:
+        out.append(rng.choice(words) + rng.choice("  \n, ."))
+    return "".join(out)[:n]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """A model and run small enough to train in a few seconds on 2 CPU cores."""
+    return [
+        "data=text",
+        f"data.path={corpus}",
+        "data.batch_size=4",
+        "data.seq_len=16",
+        "data.eval_batch_size=2",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.lr=0.01",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={out.parent / 'cache'}",
+        "sample_length=20",
+        *extra,
+    ]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def compose_generate(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="generate", overrides=overrides)

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from charlm import UserError
+from charlm.data import CharDataModule, RandomWindows, StreamBatches, load_tokens, split_tokens
+from tests.conftest import ROOT
+
+
+def test_stream_batches_continue_each_stream_and_shift_targets():
+    tokens = np.arange(1001)
+    batches = list(StreamBatches(tokens, batch_size=4, seq_len=10))
+    assert [r for _, _, r in batches] == [True] + [False] * (len(batches) - 1)
+    for x, y, _ in batches:
+        assert x.dtype == torch.int64 and x.shape == (4, 10)
+        assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y, x + 1)
+    for (x0, _, _), (x1, _, _) in zip(batches, batches[1:], strict=False):
+        assert torch.equal(x1[:, 0], x0[:, -1] + 1)  # batch k+1 starts where batch k stopped, per stream
+
+
+def test_streams_are_disjoint_and_contiguous_across_ranks():
+    tokens = np.arange(2 * 3 * 50 + 1)
+    seen = []
+    for rank in range(2):
+        ds = StreamBatches(tokens, batch_size=3, seq_len=10, rank=rank, world_size=2)
+        assert len(ds) == 5  # every rank yields the same number of batches
+        streams = torch.cat([x for x, _, _ in ds], dim=1)  # [B, L]
+        for row in streams:
+            assert torch.equal(row, torch.arange(row[0], row[0] + 50))  # one contiguous stretch
+            seen.append(set(row.tolist()))
+    assert sum(map(len, seen)) == len(set().union(*seen)) == 300
+
+
+def test_eval_streams_keep_the_partial_last_batch():
+    ds = StreamBatches(np.arange(2 * 25 + 1), batch_size=2, seq_len=10, drop_last=False)
+    shapes = [x.shape[1] for x, _, _ in ds]
+    assert shapes == [10, 10, 5] and sum(shapes) * 2 == 50
+
+
+def test_random_windows_reset_every_batch_and_depend_on_epoch_and_rank():
+    tokens = np.arange(5000)
+    epoch = [0]
+    ds = RandomWindows(tokens, 4, 16, epoch=lambda: epoch[0])
+    first = [x for x, y, reset in ds]
+    assert all(reset for _, _, reset in ds)
+    x, y, _ = next(iter(ds))
+    assert torch.equal(y, x + 1) and all(torch.equal(r, torch.arange(r[0], r[0] + 16)) for r in x)
+    assert torch.equal(first[0], next(iter(ds))[0])  # same epoch: same windows (exact resume)
+    epoch[0] = 1
+    assert not torch.equal(first[0], next(iter(ds))[0])
+    other_rank = RandomWindows(tokens, 4, 16, rank=1, world_size=2)
+    assert not torch.equal(first[0], next(iter(other_rank))[0])
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcabc", encoding="utf-8")
+    tokens, vocab = load_tokens(corpus, cache_dir=tmp_path / "cache")
+    assert isinstance(tokens, np.memmap) and vocab.decode(tokens) == "abcabc"
+    (cache_dir,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["tokens.npy", "vocab.json"]
+    mtime = (cache_dir / "tokens.npy").stat().st_mtime_ns
+    load_tokens(corpus, cache_dir=tmp_path / "cache")
+    assert (cache_dir / "tokens.npy").stat().st_mtime_ns == mtime  # not re-tokenized
+    corpus.write_text("abcabd", encoding="utf-8")
+    tokens, vocab = load_tokens(corpus, cache_dir=tmp_path / "cache")
+    assert vocab.decode(tokens) == "abcabd" and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_d2l_preprocess_reproduces_d2l_corpus(tmp_path):
+    tokens, vocab = load_tokens(ROOT / "data/timemachine.txt", preprocess="d2l", cache_dir=tmp_path)
+    # d2l.TimeMachine: re.sub('[^A-Za-z]+', ' ', text).lower(); 26 letters + space, plus the reserved unk (d2l's <unk>)
+    assert len(tokens) == 173428 and len(vocab) == 28
+    assert vocab.decode(tokens[:30]) == "the time machine by h g wells "
+
+
+def test_shipped_corpora_are_the_published_files():
+    assert len((ROOT / "data/timemachine.txt").read_text(encoding="utf-8")) == 178979
+    assert len((ROOT / "data/tinyshakespeare.txt").read_text(encoding="utf-8")) == 1115394
+
+
+def test_splits_are_contiguous_fractions():
+    parts = split_tokens(np.arange(1000), (0.9, 0.05, 0.05))
+    assert [len(p) for p in parts.values()] == [900, 50, 50]
+    assert np.array_equal(np.concatenate(list(parts.values())), np.arange(1000))
+
+
+@pytest.mark.parametrize("splits", [(0.9, 0.1), (0.5, 0.2, 0.2), (1.0, 0.0, 0.0), (0.9, 0.2, -0.1)])
+def test_bad_splits_are_rejected(splits, tmp_path):
+    with pytest.raises(UserError, match="data.splits"):
+        CharDataModule(str(tmp_path / "x.txt"), splits=splits)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(None, "does not exist"), (b"", "is empty"), (b"  \n", "is empty"), (b"abc\xff\xfedef", "byte offset 3")],
+)
+def test_bad_corpus_files_get_clear_errors(tmp_path, content, match):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=match):
+        CharDataModule(str(path), cache_dir=str(tmp_path / "cache")).vocab  # noqa: B018 - loads the corpus
+
+
+def test_too_small_corpus_states_the_minimum(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("x" * 1000, encoding="utf-8")  # splits 900 / 50 / 50
+    dm = CharDataModule(str(path), batch_size=64, seq_len=16, eval_batch_size=1, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match=r"train split has 900 characters .* at least 1,025"):
+        dm.check_sizes(world_size=1)
+    dm = CharDataModule(str(path), batch_size=4, seq_len=16, eval_batch_size=2, cache_dir=str(tmp_path / "c"))
+    dm.check_sizes(world_size=1)  # val needs 2 x 16 + 1 = 33 <= 50
+    with pytest.raises(UserError, match=r"val split .* 2 rank\(s\) needs at least 65"):
+        dm.check_sizes(world_size=2)

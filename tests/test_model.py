@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm import UserError
+from charlm.model import CELLS, RNNStack
+from charlm.module import CharLM
+from charlm.vocab import CharVocab
+
+V = 40
+
+
+def rand_state(net: RNNStack, batch: int) -> torch.Tensor:
+    return torch.randn(net.state_slots, net.num_layers, batch, net.hidden_size)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_loss_at_initialisation_is_ln_vocab(cell):
+    torch.manual_seed(0)
+    net = RNNStack(V, cell, num_layers=2, hidden_size=64)
+    x = torch.randint(0, V, (8, 50))
+    logits, _ = net(x)
+    loss = F.cross_entropy(logits.reshape(-1, V), torch.randint(0, V, (8 * 50,)))
+    assert abs(loss.item() - math.log(V)) < 0.1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tiny_text_overfits_to_near_zero_loss(cell):
+    torch.manual_seed(0)
+    text = "the quick brown fox jumps over the lazy dog; " * 3
+    vocab = CharVocab.from_text(text)
+    ids = torch.from_numpy(vocab.encode(text).astype("int64"))[None]  # [1, N]
+    net = RNNStack(len(vocab), cell, num_layers=2, hidden_size=64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits, _ = net(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, len(vocab)), ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_future_characters_never_change_past_logits(cell):
+    torch.manual_seed(0)
+    net = RNNStack(V, cell, num_layers=2, hidden_size=32).eval()
+    x = torch.randint(0, V, (3, 20))
+    for t in (0, 7, 18):
+        x2 = x.clone()
+        x2[:, t + 1] = (x2[:, t + 1] + 1) % V
+        a, b = net(x)[0], net(x2)[0]
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+        assert not torch.allclose(a[:, t + 1], b[:, t + 1])  # the changed input does matter
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_carried_state_makes_two_halves_equal_the_whole(cell):
+    torch.manual_seed(0)
+    net = RNNStack(V, cell, num_layers=3, hidden_size=32).eval()
+    x, s0 = torch.randint(0, V, (4, 30)), rand_state(net, 4)
+    whole, s_whole = net(x, s0)
+    first, s_half = net(x[:, :13], s0)
+    second, s_end = net(x[:, 13:], s_half)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s_end, s_whole, rtol=0, atol=1e-6)
+
+
+def test_lightning_module_carries_state_between_batches_until_reset():
+    torch.manual_seed(0)
+    model = CharLM(CharVocab.from_text("abcdefghij").to_dict(), hidden_size=16).eval()
+    x = torch.randint(0, 10, (2, 24))
+    y = torch.randint(0, 10, (2, 24))
+    whole = F.cross_entropy(model(x)[0].reshape(-1, 10), y.reshape(-1))
+    with torch.no_grad():
+        halves = [model._shared_step((x[:, s], y[:, s], s.start == 0), "val") for s in (slice(0, 12), slice(12, 24))]
+    torch.testing.assert_close(sum(halves) / 2, whole, rtol=0, atol=1e-6)
+    # reset=True on the second half must forget the first: a different loss
+    with torch.no_grad():
+        fresh = model._shared_step((x[:, 12:], y[:, 12:], True), "val")
+    assert not torch.allclose(fresh, halves[1])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_dropout_never_touches_the_recurrent_path(cell, num_layers):
+    """Record every dropout output in train mode, replay exactly those in eval mode: the result must match.
+
+    Any other dropout (on h(t-1) -> h(t), on the carried state, inside a cell loop) would make the train-mode
+    result differ from the replay; every recorded dropout must act on a whole [B, T, .] sequence.
+    """
+    torch.manual_seed(0)
+    net = RNNStack(V, cell, num_layers=num_layers, hidden_size=32, dropout=0.5)
+    x, s0 = torch.randint(0, V, (4, 12)), rand_state(net, 4)
+    recorded = []
+    hook = net.drop.register_forward_hook(lambda m, i, o: recorded.append((i[0], o.detach().clone())))
+    net.train()
+    logits, state = net(x, s0)
+    hook.remove()
+
+    assert len(recorded) == num_layers + 1  # embedding, between each pair of layers, before the decoder
+    for inp, out in recorded:
+        assert inp.shape[:2] == (4, 12)  # a whole sequence of the vertical connection, never one step's state
+        assert ((out == 0) & (inp != 0)).any()  # and the masks really dropped units
+
+    replay = iter(out for _, out in recorded)
+    hook = net.drop.register_forward_hook(lambda m, i, o: next(replay))
+    net.eval()
+    logits_replayed, state_replayed = net(x, s0)
+    hook.remove()
+    torch.testing.assert_close(logits_replayed, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state_replayed, state, rtol=0, atol=1e-6)
+
+
+def test_eval_mode_has_no_dropout():
+    torch.manual_seed(0)
+    net = RNNStack(V, "lstm", 2, 32, dropout=0.5).eval()
+    x = torch.randint(0, V, (2, 10))
+    assert torch.equal(net(x)[0], net(x)[0])
+
+
+def test_one_hot_input_and_tied_weights():
+    net = RNNStack(V, "gru", 2, 32, embedding_size=0)
+    assert net.embedding is None and net.layers[0].input_size == V
+    tied = RNNStack(V, "lstm", 2, 32, tie_weights=True)
+    assert tied.decoder.weight is tied.embedding.weight
+
+
+def test_init_scale_is_uniform_within_bounds():
+    net = RNNStack(V, "lstm", 2, 32, init_scale=0.05)
+    for p in net.parameters():
+        assert p.abs().max() <= 0.05 and p.abs().max() > 0.04
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"cell": "transformer"}, "cell"),
+        ({"tie_weights": True, "embedding_size": 16}, "tie_weights"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"hidden_size": 0}, "hidden_size"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_with_the_fix(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        RNNStack(V, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"optimizer": "rmsprop"}, "optimizer"), ({"scheduler": "linear"}, "scheduler"), ({"lr": 0}, "lr")],
+)
+def test_bad_optimisation_settings_are_rejected(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        CharLM(CharVocab.from_text("ab").to_dict(), **kwargs)

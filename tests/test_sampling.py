@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from charlm import UserError
+from charlm.model import RNNStack
+from charlm.sampling import generate, next_token, sample_text
+from charlm.vocab import CharVocab
+
+VOCAB = CharVocab.from_text("abcdefghij ", unk="?")
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return RNNStack(len(VOCAB), "lstm", 2, 32).eval()
+
+
+def naive_greedy(net, ids: list[int], length: int) -> list[int]:
+    """Re-feed the whole context every step: the slow reference the stateful sampler must equal."""
+    out = list(ids)
+    for _ in range(length):
+        logits, _ = net(torch.tensor([out]))
+        out.append(int(logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def test_stateful_generation_equals_refeeding_the_context(net):
+    prompt = "abc def"
+    fast = torch.stack(list(generate(net, VOCAB, prompt, 40, temperature=0)), 1)[0].tolist()
+    assert fast == naive_greedy(net, VOCAB.encode(prompt).tolist(), 40)
+
+
+def test_batched_samples_match_single_runs_and_are_reproducible(net):
+    greedy = sample_text(net, VOCAB, "ab", 30, temperature=0, num_samples=3)
+    assert len(set(greedy)) == 1 and greedy[0] == sample_text(net, VOCAB, "ab", 30, temperature=0)[0]
+    a = sample_text(net, VOCAB, "ab", 30, num_samples=4, generator=torch.Generator().manual_seed(1))
+    b = sample_text(net, VOCAB, "ab", 30, num_samples=4, generator=torch.Generator().manual_seed(1))
+    assert a == b and len(set(a)) > 1  # same seed, same text; samples in a batch differ
+
+
+def test_samples_start_with_prompt_and_have_requested_length(net):
+    for prompt in ("hello", ""):
+        (text,) = sample_text(net, VOCAB, prompt, 25, unknown="skip", generator=torch.Generator().manual_seed(0))
+        assert text.startswith(prompt) and len(text) == len(prompt) + 25
+        assert set(text[len(prompt) :]) <= set(VOCAB.chars)
+
+
+def test_top_k_and_top_p_restrict_the_choices():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(2000, -1)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    # softmax mass: 0.64, 0.23, 0.09, ... -> top_p=0.8 keeps the first two
+    assert set(next_token(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(next_token(logits, 1.0, top_k=1, generator=g).tolist()) == {0}
+    assert set(next_token(logits, 0.0).tolist()) == {0}
+    assert set(next_token(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_low_temperature_sharpens():
+    logits = torch.tensor([[1.0, 0.0]]).expand(4000, -1)
+    g = torch.Generator().manual_seed(0)
+    hot = (next_token(logits, 2.0, generator=g) == 0).float().mean()
+    cold = (next_token(logits, 0.25, generator=g) == 0).float().mean()
+    assert 0.55 < hot < 0.7 and cold > 0.95
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"length": -1}, "length"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"prompt": "xyz"}, "not in the vocab"),
+    ],
+)
+def test_bad_sampling_arguments_fail_before_any_output(net, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        generate(net, VOCAB, **{"prompt": "ab", **kwargs})  # raised on the call, not on the first next()
+
+
+def test_unknown_prompt_characters_policies(net):
+    (skipped,) = sample_text(net, VOCAB, "aXb", 5, temperature=0, unknown="skip")
+    (as_unk,) = sample_text(net, VOCAB, "aXb", 5, temperature=0, unknown="unk")
+    assert skipped.startswith("aXb") and as_unk.startswith("aXb")

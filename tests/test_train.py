@@ -1,0 +1,225 @@
+"""The real train() and generate entry points, end to end, on a tiny corpus and model."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import generate
+from charlm import UserError
+from charlm.module import CharLM, load_checkpoint
+from tests.conftest import ROOT, compose_generate, compose_train, make_text, tiny_overrides
+from train import train
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny real run shared by the tests below: (output dir, metrics, corpus)."""
+    tmp = tmp_path_factory.mktemp("run")
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp / "out"
+    metrics = train(compose_train(tiny_overrides(corpus, out)))
+    return out, metrics, corpus
+
+
+def test_run_writes_checkpoints_and_metrics(trained):
+    out, metrics, _ = trained
+    assert (out / "checkpoints/last.ckpt").is_file() and (out / "checkpoints/best.ckpt").is_file()
+    for stage in ("val", "test"):
+        loss = metrics[f"{stage}/loss"]
+        assert metrics[f"{stage}/ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+        assert metrics[f"{stage}/bpc"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert metrics["val/loss"] < math.log(16) - 0.5  # learned something beyond uniform over the tiny vocab
+
+
+def test_tensorboard_has_metrics_lr_samples_and_hparams(trained):
+    out, _, _ = trained
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for stage in ("train", "val", "test"):
+        assert {f"{stage}/loss", f"{stage}/ppl", f"{stage}/bpc"} <= scalars
+    assert any(t.startswith("lr-") for t in scalars)
+    assert {"hp/val_loss", "hp/val_bpc", "hp/test_bpc"} <= scalars
+    assert any(t.startswith("sample") for t in acc.Tags()["tensors"])
+    assert len(acc.Scalars("val/bpc")) == 2  # one per epoch
+
+
+def test_checkpoint_loads_without_hydra_and_carries_the_vocab(trained):
+    out, metrics, corpus = trained
+    model = CharLM.load_from_checkpoint(out / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    assert "".join(model.vocab.chars) == "".join(sorted(set(corpus.read_text()) | {"\ufffd"}))
+    assert model.hparams.hidden_size == 32
+
+
+def test_generate_streams_prompt_plus_length(trained, capsys):
+    out, _, _ = trained
+    cfg = compose_generate([f"ckpt={out}/checkpoints/best.ckpt", "prompt='abc '", "length=57", "seed=3"])
+    (text,) = generate.run(cfg)
+    printed = capsys.readouterr().out
+    assert printed == text + "\n" and text.startswith("abc ") and len(text) == 4 + 57
+    texts = generate.run(
+        compose_generate(
+            [f"ckpt={out}/checkpoints/best.ckpt", "num_samples=3", "length=10", "prompt=ab", "temperature=0"]
+        )
+    )
+    assert len(texts) == 3 and len(set(texts)) == 1 and all(len(t) == 12 for t in texts)
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    """2 epochs + resume to 3 gives bit-identical weights to 3 epochs straight (no dropout: no RNG in the step)."""
+    out, _, corpus = trained
+    straight = tmp_path / "straight"
+    train(compose_train(tiny_overrides(corpus, straight, "trainer.max_epochs=3", "model.dropout=0", "test=false")))
+    first = tmp_path / "first"
+    train(compose_train(tiny_overrides(corpus, first, "model.dropout=0", "test=false")))
+    resumed = tmp_path / "resumed"
+    train(
+        compose_train(
+            tiny_overrides(
+                corpus,
+                resumed,
+                "trainer.max_epochs=3",
+                "model.dropout=0",
+                "test=false",
+                f"ckpt_path={first}/checkpoints/last.ckpt",
+            )
+        )
+    )
+    a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints/last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] > 0
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_resume_refuses_a_checkpoint_with_another_vocab(trained, tmp_path):
+    out, _, _ = trained
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(seed=1).upper(), encoding="utf-8")
+    cfg = compose_train(tiny_overrides(other, tmp_path / "o", f"ckpt_path={out}/checkpoints/last.ckpt"))
+    with pytest.raises(UserError, match="different vocab"):
+        train(cfg)
+
+
+# ---- every user mistake: one line on stderr naming the fix, exit code 2, no traceback, no checkpoint lost ----
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert match in lines[0], lines[0]
+
+
+def bad_corpus(tmp: Path, kind: str) -> Path:
+    path = tmp / f"{kind}.txt"
+    content = {"empty": b"", "latin1": "caf\xe9 au lait".encode("latin-1"), "small": b"abc" * 40}.get(kind)
+    if content is not None:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["data.path={tmp}/missing.txt"], "does not exist"),
+        (["data.path={tmp}/empty.txt"], "is empty"),
+        (["data.path={tmp}/latin1.txt"], "not valid UTF-8 at byte offset 3"),
+        (["data.path={tmp}/small.txt"], "needs at least"),
+        (["model.dropout=1.0"], "model.dropout"),
+        (["model.num_layers=0"], "model.num_layers"),
+        (["model.cell=transformer"], "model.cell"),
+        (["data.splits=[0.9,0.2,0.1]"], "data.splits"),
+        (["ckpt_path={tmp}/nope.ckpt"], "does not exist"),
+        (["ckpt_path={tmp}/corrupt.ckpt"], "corrupt"),
+    ],
+)
+def test_train_cli_rejects_bad_input(tmp_path, trained, args, match):
+    out, _, corpus = trained
+    for kind in ("empty", "latin1", "small"):
+        bad_corpus(tmp_path, kind)
+    (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    before = {p.name: sha(p) for p in (out / "checkpoints").iterdir()}
+    base = tiny_overrides(corpus, out, "trainer.max_epochs=1")  # point at the existing run: nothing may be lost
+    proc = run_cli("train.py", *base, *[a.format(tmp=tmp_path) for a in args])
+    assert_user_error(proc, match)
+    assert {p.name: sha(p) for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_generate_cli_streams_and_rejects_bad_input(trained, tmp_path):
+    out, _, _ = trained
+    ckpt = out / "checkpoints/best.ckpt"
+    ok = run_cli("generate.py", f"ckpt={ckpt}", "prompt=ab", "length=30")
+    assert ok.returncode == 0 and ok.stdout.startswith("ab") and len(ok.stdout.rstrip("\n")) == 32
+    assert_user_error(run_cli("generate.py", f"ckpt={tmp_path}/missing.ckpt"), "does not exist")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"\x00garbage")
+    assert_user_error(run_cli("generate.py", f"ckpt={tmp_path}/corrupt.ckpt"), "corrupt")
+    assert_user_error(run_cli("generate.py", f"ckpt={ckpt}", "prompt=Zebra"), "not in the vocab")
+    # A checkpoint that smuggles code (a pickled callable) is refused by weights_only loading, never executed.
+    evil = torch.load(ckpt, weights_only=True)
+    evil["hyper_parameters"]["hook"] = functools.partial(os.system, "echo pwned")
+    torch.save(evil, tmp_path / "evil.ckpt")
+    proc = run_cli("generate.py", f"ckpt={tmp_path}/evil.ckpt")
+    assert_user_error(proc, "refused")
+    assert "pwned" not in proc.stdout
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    text = make_text(8000)
+    corpus.write_text(text, encoding="utf-8")
+    out = tmp_path / "ddp"
+    out.mkdir()
+    proc = run_cli(
+        "train.py",
+        *tiny_overrides(
+            corpus,
+            out,
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            "sample_length=0",
+            "+callbacks.probe._target_=tests.probe.RecordBatches",
+            f"+callbacks.probe.out={out}",
+            f"hydra.run.dir={out}",
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints/last.ckpt").is_file()
+    rank0, rank1 = np.load(out / "rank0.npy"), np.load(out / "rank1.npy")
+    assert rank0.shape == rank1.shape  # same number of batches, same batch size
+    model = load_checkpoint(out / "checkpoints/last.ckpt")
+    train_text = text[: round(len(text) * 0.9)]
+    spans = []
+    for rows in (rank0, rank1):
+        for row in rows:
+            stream = model.vocab.decode(row)
+            start = train_text.find(stream)
+            assert start >= 0  # each stream is one contiguous stretch of the train split
+            spans.append((start, start + len(stream)))
+    spans.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))  # disjoint

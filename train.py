@@ -1,0 +1,81 @@
+"""Train a character language model: ``python train.py [hydra overrides]``. Configs live in conf/."""
+
+from __future__ import annotations
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from charlm import ROOT, UserError, reported_user_errors
+from charlm.module import load_checkpoint
+from charlm.sampling import sample_text
+
+OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
+
+
+def check_resume(path: str, dm) -> None:
+    """Refuse, before training, a checkpoint that is missing, corrupt, or was trained on another vocab."""
+    if load_checkpoint(path).vocab != dm.vocab:
+        raise UserError(f"checkpoint {path!r} was trained on a different vocab; resume with the same data config.")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build data -> model -> callbacks -> logger -> Trainer in that order, fit, test; return the final metrics."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = instantiate(cfg.data)
+    dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
+    if cfg.ckpt_path:
+        check_resume(cfg.ckpt_path, dm)
+    model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
+    loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    ckpt_cb = trainer.checkpoint_callback
+    best, last = (ckpt_cb.best_model_path, ckpt_cb.last_model_path) if ckpt_cb else ("", "")
+    if cfg.test and dm.splits[2] > 0:
+        trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    for logger in trainer.loggers:
+        params = OmegaConf.to_container(cfg, resolve=True)
+        logger.log_hyperparams(params, metrics={f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()})
+
+    if trainer.is_global_zero:
+        report(cfg, trainer, model, metrics, best, last)
+    return metrics
+
+
+def report(cfg: DictConfig, trainer: pl.Trainer, model, metrics: dict[str, float], best: str, last: str) -> None:
+    for stage in ("val", "test"):
+        if f"{stage}/loss" in metrics:
+            print(
+                f"{stage}: loss {metrics[f'{stage}/loss']:.4f} nats | ppl {metrics[f'{stage}/ppl']:.3f}"
+                f" | bpc {metrics[f'{stage}/bpc']:.4f}"
+            )
+    if cfg.sample_length:
+        model.eval()
+        gen = torch.Generator(model.device).manual_seed(cfg.seed)
+        prompt = cfg.callbacks.get("text_sample", {}).get("prompt", "") if cfg.callbacks else ""
+        text = sample_text(
+            model.net, model.vocab, prompt, cfg.sample_length, temperature=0.8, unknown="skip", generator=gen
+        )[0]
+        print(f"sample ({'best' if best else 'last'} weights, temperature 0.8):\n{text}\n")
+    if best:
+        print(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
+    if trainer.loggers:
+        print(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with reported_user_errors():
+        metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric)  # what a sweeper (e.g. Optuna) minimises
+
+
+if __name__ == "__main__":
+    main()
