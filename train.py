@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 import pytorch_lightning as pl
 import torch
@@ -13,6 +15,8 @@ from charlm.module import load_checkpoint
 from charlm.sampling import sample_text
 
 OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
+# Our datasets load in the main process and shard themselves by rank, so their __len__ is exact.
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
 
 
 def check_resume(path: str, dm) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import generate
 from charlm import UserError
@@ -57,6 +58,14 @@ def test_tensorboard_has_metrics_lr_samples_and_hparams(trained):
     assert any(t.startswith("lr-") for t in scalars)
     assert {"hp/val_loss", "hp/val_bpc", "hp/test_bpc"} <= scalars
     assert any(t.startswith("sample") for t in acc.Tags()["tensors"])
+    hparams = {  # the HPARAMS tab entry: plugin summaries with empty tensors, which EventAccumulator drops
+        v.tag: v.metadata.plugin_data.content
+        for f in (out / "tb").glob("events.*")
+        for ev in EventFileLoader(str(f)).Load()
+        for v in ev.summary.value
+        if v.metadata.plugin_data.plugin_name == "hparams"
+    }
+    assert b"hp/val_bpc" in hparams["_hparams_/experiment"] and b"model/hidden_size" in hparams["_hparams_/experiment"]
     assert len(acc.Scalars("val/bpc")) == 2  # one per epoch
 
 
