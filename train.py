@@ -38,12 +38,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    epoch_metrics = [f"{stage}/{name}" for stage in ("train", "val", "test") for name in ("loss", "ppl", "bpc")]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     ckpt_cb = trainer.checkpoint_callback
     best, last = (ckpt_cb.best_model_path, ckpt_cb.last_model_path) if ckpt_cb else ("", "")
     if cfg.test and dm.splits[2] > 0:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
-        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     for logger in trainer.loggers:
         params = OmegaConf.to_container(cfg, resolve=True)
         logger.log_hyperparams(params, metrics={f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()})
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def report(cfg: DictConfig, trainer: pl.Trainer, model, metrics: dict[str, float], best: str, last: str) -> None:
-    for stage in ("val", "test"):
+    for stage in ("train", "val", "test"):
         if f"{stage}/loss" in metrics:
             print(
                 f"{stage}: loss {metrics[f'{stage}/loss']:.4f} nats | ppl {metrics[f'{stage}/ppl']:.3f}"

@@ -206,16 +206,18 @@ class CharDataModule(pl.LightningDataModule):
         self._tokens: np.ndarray | None = None
         self._vocab: CharVocab | None = None
 
-    @property
-    def vocab(self) -> CharVocab:
+    def _load(self) -> tuple[np.ndarray, CharVocab]:
         if self._vocab is None:
             self._tokens, self._vocab = load_tokens(self.path, self.preprocess, self.unk, self.cache_dir)
-        return self._vocab
+        return self._tokens, self._vocab
+
+    @property
+    def vocab(self) -> CharVocab:
+        return self._load()[1]
 
     @property
     def parts(self) -> dict[str, np.ndarray]:
-        self.vocab  # noqa: B018 - loads the tokens
-        return split_tokens(self._tokens, self.splits)
+        return split_tokens(self._load()[0], self.splits)
 
     def check_sizes(self, world_size: int = 1) -> None:
         """Raise a UserError, before any training, if a split cannot fill one batch on every rank."""
