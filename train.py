@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from charlm import ROOT, UserError, reported_user_errors
-from charlm.module import load_checkpoint
+from charlm.data import CharDataModule
+from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import sample_text
 
 OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
@@ -19,7 +20,7 @@ OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
 
 
-def check_resume(path: str, dm) -> None:
+def check_resume(path: str, dm: CharDataModule) -> None:
     """Refuse, before training, a checkpoint that is missing, corrupt, or was trained on another vocab."""
     if load_checkpoint(path).vocab != dm.vocab:
         raise UserError(f"checkpoint {path!r} was trained on a different vocab; resume with the same data config.")
@@ -42,19 +43,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     ckpt_cb = trainer.checkpoint_callback
     best, last = (ckpt_cb.best_model_path, ckpt_cb.last_model_path) if ckpt_cb else ("", "")
-    if cfg.test and dm.splits[2] > 0:
+    run_test = bool(cfg.test and dm.splits[2] > 0)
+    if run_test:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
+    params = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
-        params = OmegaConf.to_container(cfg, resolve=True)
         logger.log_hyperparams(params, metrics={f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()})
 
     if trainer.is_global_zero:
-        report(cfg, trainer, model, metrics, best, last)
+        report(cfg, trainer, model, metrics, "best" if run_test and best else "final", best, last)
     return metrics
 
 
-def report(cfg: DictConfig, trainer: pl.Trainer, model, metrics: dict[str, float], best: str, last: str) -> None:
+def report(
+    cfg: DictConfig, trainer: pl.Trainer, model: CharLM, metrics: dict[str, float], weights: str, best: str, last: str
+) -> None:
     for stage in ("train", "val", "test"):
         if f"{stage}/loss" in metrics:
             print(
@@ -68,7 +72,7 @@ def report(cfg: DictConfig, trainer: pl.Trainer, model, metrics: dict[str, float
         text = sample_text(
             model.net, model.vocab, prompt, cfg.sample_length, temperature=0.8, unknown="skip", generator=gen
         )[0]
-        print(f"sample ({'best' if best else 'last'} weights, temperature 0.8):\n{text}\n")
+        print(f"sample ({weights} weights, temperature 0.8):\n{text}\n")
     if best:
         print(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
     if trainer.loggers:
