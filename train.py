@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from charlm import ROOT, UserError, reported_user_errors
 from charlm.data import CharDataModule
-from charlm.module import CharLM, load_checkpoint
+from charlm.module import STAGES, CharLM, load_checkpoint
 from charlm.sampling import sample_text
 
 OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-    epoch_metrics = [f"{stage}/{name}" for stage in ("train", "val", "test") for name in ("loss", "ppl", "bpc")]
+    epoch_metrics = [f"{stage}/{name}" for stage in STAGES for name in ("loss", "ppl", "bpc")]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     ckpt_cb = trainer.checkpoint_callback
     best, last = (ckpt_cb.best_model_path, ckpt_cb.last_model_path) if ckpt_cb else ("", "")
@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def report(
     cfg: DictConfig, trainer: pl.Trainer, model: CharLM, metrics: dict[str, float], weights: str, best: str, last: str
 ) -> None:
-    for stage in ("train", "val", "test"):
+    for stage in STAGES:
         if f"{stage}/loss" in metrics:
             print(
                 f"{stage}: loss {metrics[f'{stage}/loss']:.4f} nats | ppl {metrics[f'{stage}/ppl']:.3f}"
