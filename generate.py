@@ -20,7 +20,8 @@ def run(cfg: DictConfig) -> list[str]:
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
-    model = load_checkpoint(cfg.ckpt, map_location=device).eval()
+    overrides = {"impl": cfg.impl} if cfg.impl else {}
+    model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     steps = generate(
         model.net,

@@ -45,6 +45,11 @@ class CharLM(pl.LightningModule):
         dropout: float = 0.0,
         tie_weights: bool = False,
         init_scale: float | None = None,
+        impl: str = "fused",
+        locked_dropout: bool = False,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        layer_norm: bool = False,
         optimizer: str = "adamw",
         lr: float = 2e-3,
         weight_decay: float = 0.0,
@@ -72,8 +77,9 @@ class CharLM(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         self.vocab = CharVocab.from_dict(vocab)
         self.net = RNNStack(
-            len(self.vocab), cell, num_layers, hidden_size, embedding_size, dropout, tie_weights, init_scale
-        )
+            len(self.vocab), cell, num_layers, hidden_size, embedding_size, dropout, tie_weights, init_scale,
+            impl, locked_dropout, recurrent_dropout, weight_drop, layer_norm,
+        )  # fmt: skip
         # Token-weighted mean NLL per stage and epoch ("train" itself would clash with nn.Module.train).
         self.nll = nn.ModuleDict({f"{stage}_nll": MeanMetric() for stage in STAGES})
         self._state: dict[str, State | None] = dict.fromkeys(STAGES)
@@ -152,13 +158,16 @@ class CharLM(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CharLM:
-    """Load a CharLM from ``path`` with ``weights_only=True``: tensors and plain data only, never pickled code."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **hparams) -> CharLM:
+    """Load a CharLM from ``path`` with ``weights_only=True``: tensors and plain data only, never pickled code.
+
+    ``hparams`` override the saved ones, e.g. ``impl="scratch"``: fused and scratch layers hold the same
+    parameters under the same names, so the weights load either way with no conversion."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by train.py.")
     try:
-        return CharLM.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        return CharLM.load_from_checkpoint(path, map_location=map_location, weights_only=True, **hparams)
     except pickle.UnpicklingError:
         raise UserError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it was refused;"

@@ -80,7 +80,6 @@ def generate(
     return _steps(net, x, length, temperature, top_k, top_p, generator)
 
 
-@torch.no_grad()
 def _steps(
     net: RNNStack,
     x: torch.Tensor,
@@ -90,11 +89,17 @@ def _steps(
     top_p: float,
     generator: torch.Generator | None,
 ) -> Iterator[torch.Tensor]:
-    logits, state = net(x)  # the whole prompt in one pass: [N, P, V]
-    for _ in range(length):
-        ids = next_token(logits[:, -1], temperature, top_k, top_p, generator)  # [N]
+    with torch.inference_mode():
+        logits, state = net(x)  # the whole prompt in one pass: [N, P, V]
+        step = net.stepper()  # then one character at a time through the cell equations
+        layers = [(state[0, k], state[1, k] if net.cell == "lstm" else None) for k in range(net.num_layers)]
+        logits = logits[:, -1]
+    for i in range(length):
+        with torch.inference_mode():
+            ids = next_token(logits, temperature, top_k, top_p, generator)  # [N]
+            if i + 1 < length:
+                logits, layers = step.advance(ids, layers)  # [N, V]
         yield ids
-        logits, state = net(ids[:, None], state)  # [N, 1, V]
 
 
 def sample_text(net: RNNStack, vocab: CharVocab, prompt: str = "", length: int = 200, **kwargs) -> list[str]:

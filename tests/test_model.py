@@ -83,16 +83,17 @@ def test_lightning_module_carries_state_between_batches_until_reset():
     assert not torch.allclose(fresh, halves[1])
 
 
+@pytest.mark.parametrize("impl, locked", [("fused", False), ("scratch", False), ("scratch", True)])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("num_layers", [1, 3])
-def test_dropout_never_touches_the_recurrent_path(cell, num_layers):
+def test_dropout_never_touches_the_recurrent_path(cell, num_layers, impl, locked):
     """Record every dropout output in train mode, replay exactly those in eval mode: the result must match.
 
     Any other dropout (on h(t-1) -> h(t), on the carried state, inside a cell loop) would make the train-mode
     result differ from the replay; every recorded dropout must act on a whole [B, T, .] sequence.
     """
     torch.manual_seed(0)
-    net = RNNStack(V, cell, num_layers=num_layers, hidden_size=32, dropout=0.5)
+    net = RNNStack(V, cell, num_layers=num_layers, hidden_size=32, dropout=0.5, impl=impl, locked_dropout=locked)
     x, s0 = torch.randint(0, V, (4, 12)), rand_state(net, 4)
     recorded = []
     hook = net.drop.register_forward_hook(lambda m, i, o: recorded.append((i[0], o.detach().clone())))

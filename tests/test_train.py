@@ -117,6 +117,33 @@ def test_resume_continues_exactly(trained, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
+def test_checkpoint_switches_between_fused_and_scratch_without_conversion(trained, tmp_path):
+    out, _, corpus = trained
+    ckpt = f"{out}/checkpoints/best.ckpt"
+    fused, scratch = load_checkpoint(ckpt), load_checkpoint(ckpt, impl="scratch")
+    assert type(scratch.net.layers[0]).__name__ == "ScratchLayer" and scratch.hparams.impl == "scratch"
+    x = torch.randint(0, len(fused.vocab), (2, 30))
+    torch.testing.assert_close(scratch.eval()(x)[0], fused.eval()(x)[0], atol=1e-4, rtol=1e-4)
+    texts = [
+        generate.run(compose_generate([f"ckpt={ckpt}", "prompt=ab", "length=40", "temperature=0", f"impl={impl}"]))
+        for impl in ("fused", "scratch")
+    ]
+    assert texts[0] == texts[1]
+    # and training resumes from the fused checkpoint on the scratch path
+    cfg = compose_train(
+        tiny_overrides(
+            corpus,
+            tmp_path / "s",
+            "trainer.max_epochs=3",
+            "model.impl=scratch",
+            f"ckpt_path={out}/checkpoints/last.ckpt",
+        )
+    )
+    metrics = train(cfg)
+    assert load_checkpoint(tmp_path / "s/checkpoints/last.ckpt").hparams.impl == "scratch"
+    assert metrics["val/loss"] < math.log(16) - 0.5
+
+
 def test_resume_refuses_a_checkpoint_with_another_vocab(trained, tmp_path):
     out, _, _ = trained
     other = tmp_path / "other.txt"
