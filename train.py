@@ -26,8 +26,8 @@ def check_resume(path: str, dm: CharDataModule) -> None:
         raise UserError(f"checkpoint {path!r} was trained on a different vocab; resume with the same data config.")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Build data -> model -> callbacks -> logger -> Trainer in that order, fit, test; return the final metrics."""
+def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
+    """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface first."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = instantiate(cfg.data)
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
@@ -37,7 +37,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return dm, model, trainer
 
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build, fit, test; return the final metrics."""
+    dm, model, trainer = build(cfg)
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     epoch_metrics = [f"{stage}/{name}" for stage in STAGES for name in ("loss", "ppl", "bpc")]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}

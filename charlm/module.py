@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -31,7 +32,8 @@ class CharLM(pl.LightningModule):
 
     Schedules: ``step`` keeps ``lr`` for ``decay_start`` epochs then multiplies it by ``decay_factor`` each
     epoch (Zaremba); ``plateau`` multiplies by ``decay_factor`` after ``plateau_patience`` epochs without a
-    better val/loss; ``cosine`` anneals per step to ``min_lr``; ``none`` keeps ``lr``. ``warmup_steps``
+    better val/loss; ``cosine`` anneals per step to ``min_lr`` over the run (its steps, or its wall clock under
+    ``trainer.max_time``, whichever ends it first); ``none`` keeps ``lr``. ``warmup_steps``
     ramps the LR linearly from 0 under ``none`` and ``cosine``.
     """
 
@@ -142,17 +144,30 @@ class CharLM(pl.LightningModule):
         if hp.scheduler == "none" and not hp.warmup_steps:
             return opt
         total = self.trainer.estimated_stepping_batches
-        if hp.scheduler == "cosine" and not math.isfinite(total):
-            raise UserError("model.scheduler=cosine needs a finite run; set trainer.max_epochs or trainer.max_steps.")
+        timer = next(
+            (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None
+        )
+        if hp.scheduler == "cosine" and not math.isfinite(total) and timer is None:
+            raise UserError(
+                "model.scheduler=cosine needs a finite run;"
+                " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
+            )
+
+        def run_progress(step: int) -> float:
+            """How far the run is, 0 -> 1: by steps, or by wall clock under trainer.max_time, whichever is further."""
+            done = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps) if math.isfinite(total) else 0.0
+            if timer is not None:
+                elapsed = timer.time_elapsed("train")
+                done = max(done, elapsed / (elapsed + timer.time_remaining("train")))
+            return min(1.0, done)
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
             if hp.scheduler == "none":
                 return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
             floor = hp.min_lr / hp.lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * run_progress(step)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -82,3 +82,17 @@ def test_zaremba_step_decay_and_cosine_with_warmup(corpus, tmp_path):
     lrs = lr_curve(cos)
     assert lrs[0] == pytest.approx(0.001) and max(lrs) == pytest.approx(0.01, rel=0.02)
     assert lrs[-1] < 0.0015 and lrs[-1] >= 0.001  # annealed to the floor by the last step
+
+
+def test_cosine_follows_the_wall_clock_under_max_time(corpus, tmp_path):
+    """With only trainer.max_time to end the run, cosine anneals by elapsed time: ~lr at the start, ~min_lr at
+    the end, however many steps fit (5-minute recipes rely on this)."""
+    out = tmp_path / "timed"
+    extra = ["test=false", "sample_length=0", "trainer.max_epochs=-1", "trainer.log_every_n_steps=1"]
+    timed = ["trainer.max_time=00:00:00:06", "model.scheduler=cosine", "model.lr=0.01", "model.min_lr=0.0001"]
+    train(compose_train(tiny_overrides(corpus, out, *extra, *timed)))
+    lrs = lr_curve(out)
+    assert len(lrs) > 20
+    assert lrs[0] > 0.009 and lrs[-1] < 0.002  # the whole cosine, start to end, within the time budget
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))  # monotone: no restart, no jump
+    assert lrs[len(lrs) // 2] < 0.0095  # and it moved during the run, not only at the end

@@ -1,0 +1,78 @@
+"""Plot validation bits per character against wall-clock time, one line per run, from TensorBoard events.
+
+    .venv/bin/python bench/plot_curves.py --run lstm=outputs/2026-11-24/11-12-08 --run gru=outputs/<run> \\
+        --out docs/val_bpc_vs_time.png
+
+A run is ``LABEL=DIR`` (or just ``DIR``, labelled by its name), where DIR is a run directory of train.py or
+its ``tb/``. Time counts from the run's first event, so start-up before the logger opened is not included.
+Needs matplotlib: ``pip install -e ".[bench]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.events import RunEvents
+from charlm import ROOT, UserError, reported_user_errors
+
+TAG = "val/bpc"
+
+
+def parse_run(spec: str) -> tuple[str, str]:
+    """``LABEL=DIR`` -> (LABEL, DIR); a bare DIR is labelled with its run directory's name."""
+    label, sep, path = spec.partition("=")
+    if sep:
+        return label, path
+    run_dir = Path(spec).resolve()
+    return (run_dir.parent if run_dir.name == "tb" else run_dir).name, spec
+
+
+def plot(runs: dict[str, RunEvents], out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError('matplotlib is not installed; run .venv/bin/pip install -e ".[bench]".') from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for label, run in runs.items():
+        ax.plot(run.seconds(TAG), run.values(TAG), marker="o", markersize=3, label=label)
+    ax.set_xlabel("wall-clock seconds since the run's first event")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title("val/bpc against time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="repeat for more runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/val_bpc_vs_time.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    with reported_user_errors():
+        runs = {}
+        for label, path in map(parse_run, args.run):
+            if label in runs:
+                raise UserError(f"two runs are labelled {label!r}; give each --run its own LABEL=DIR.")
+            runs[label] = RunEvents(path)
+            runs[label].scalars(TAG)  # fail before plotting anything if a run never validated
+        plot(runs, args.out)
+    for label, run in runs.items():
+        seconds, values = run.seconds(TAG), run.values(TAG)
+        print(
+            f"{label}: {len(values)} points, last {values[-1]:.4f} bpc at {seconds[-1]:.0f} s, best {min(values):.4f}"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

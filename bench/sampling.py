@@ -1,0 +1,127 @@
+"""Sampling speed: charlm's generate (cell-equation steps) vs stepping the fused kernel vs re-feeding the context.
+
+    .venv/bin/python bench/sampling.py                     # 2x512 LSTM, 1 and 64 streams, 100 / 1k / 10k chars
+    .venv/bin/python bench/sampling.py --hidden 256 --lengths 100 1000
+
+Three samplers, all at temperature 0.8 on the same randomly initialised net (speed does not depend on the
+weights' values):
+- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``RNNStack.stepper()``, which runs
+  the cell equations with layer 0's input projection precomputed per token.
+- ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
+  sequence (what generate did before the stepper).
+- ``naive``: re-feeds the whole context every step, O(n^2): the sampler of many tutorials.
+Per-character time must stay flat as the length grows for the first two. Runs whose estimated cost exceeds
+the ``--*-budget`` options are skipped (shown as "-").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from bench.report import describe, machine_info, table, write_json
+from charlm import ROOT
+from charlm.model import RNNStack
+from charlm.sampling import generate, next_token
+from charlm.vocab import CharVocab
+
+TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores
+VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encoding="utf-8"))  # 65 characters
+
+
+def run_charlm(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> None:
+    for _ in generate(net, VOCAB, "The ", length, 0.8, num_samples=streams, generator=generator):
+        pass
+
+
+@torch.inference_mode()
+def run_fused_step(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> None:
+    logits, state = net(torch.tensor(VOCAB.encode("The ")).long().expand(streams, -1))
+    for _ in range(length):
+        ids = next_token(logits[:, -1], 0.8, generator=generator)
+        logits, state = net(ids[:, None], state)
+
+
+@torch.inference_mode()
+def run_naive(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> None:
+    context = torch.tensor(VOCAB.encode("The ")).long().expand(streams, -1)
+    for _ in range(length):
+        logits, _ = net(context)  # from a zero state, every time
+        context = torch.cat([context, next_token(logits[:, -1], 0.8, generator=generator)[:, None]], dim=1)
+
+
+SAMPLERS = {"charlm": run_charlm, "fused step": run_fused_step, "naive": run_naive}
+
+
+def affordable(name: str, streams: int, length: int, args: argparse.Namespace) -> bool:
+    """Estimated cost in characters pushed through the net, against the sampler's budget."""
+    if name == "naive":
+        return streams * length * length / 2 <= args.naive_budget
+    if name == "fused step":
+        return length <= args.fused_step_max_length
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", default="lstm")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--streams", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--lengths", nargs="+", type=int, default=[100, 1000, 10000])
+    p.add_argument("--naive-budget", type=float, default=1e6, help="max streams * length^2 / 2 for naive")
+    p.add_argument("--fused-step-max-length", type=int, default=1000)
+    p.add_argument("--json", default="outputs/bench/sampling.json")
+    args = p.parse_args()
+
+    info = machine_info()
+    print(describe(info))
+    print(f"{args.layers}x{args.hidden} {args.cell}, vocab {len(VOCAB)}, temperature 0.8, prompt 'The '")
+    torch.manual_seed(0)
+    net = RNNStack(len(VOCAB), args.cell, args.layers, args.hidden).eval()
+    run_charlm(net, 1, 50, torch.Generator().manual_seed(0))  # warm-up
+    rows = []
+    for name, fn in SAMPLERS.items():
+        for streams in args.streams:
+            for length in args.lengths:
+                if not affordable(name, streams, length, args):
+                    rows.append({"sampler": name, "streams": streams, "length": length, "seconds": None})
+                    continue
+                start = time.perf_counter()
+                fn(net, streams, length, torch.Generator().manual_seed(0))
+                seconds = time.perf_counter() - start
+                rate = {"ms_per_step": 1e3 * seconds / length, "chars_per_s": streams * length / seconds}
+                rows.append({"sampler": name, "streams": streams, "length": length, "seconds": seconds} | rate)
+                print(f"  {name}, {streams} streams, {length} chars: {seconds:.2f} s", flush=True)
+
+    def fmt(r: dict, key: str, spec: str) -> str:
+        return "-" if r["seconds"] is None else format(r[key], spec)
+
+    print()
+    print(
+        table(
+            ["sampler", "streams", "length", "ms per step", "chars/s (all streams)"],
+            [[r["sampler"], r["streams"], r["length"], fmt(r, "ms_per_step", ".3f"), fmt(r, "chars_per_s", ",.0f")]
+             for r in rows],
+        )
+    )  # fmt: skip
+    single = [r for r in rows if r["sampler"] == "charlm" and r["streams"] == 1]
+    if single and args.hidden == 512 and args.layers == 2 and args.cell == "lstm":
+        slowest = min(r["chars_per_s"] for r in single)
+        flat = max(r["ms_per_step"] for r in single) / min(r["ms_per_step"] for r in single)
+        verdict = "met" if slowest >= TARGET_SINGLE_STREAM else "MISSED"
+        print(f"\ntarget >= {TARGET_SINGLE_STREAM:,.0f} chars/s single stream: {verdict}"
+              f" (slowest length: {slowest:,.0f}); time per step, slowest / fastest length: {flat:.2f}")  # fmt: skip
+    path = write_json(args.json, {"machine": info, "args": vars(args), "results": rows})
+    print(f"JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Benchmark corpus -> token cache: ``charlm.data.load_tokens`` on a built corpus, first run and cached reload.
+
+    .venv/bin/python bench/tokenize_speed.py --mb 100
+
+The corpus is The Time Machine and Tiny Shakespeare, line by line, with a Chinese, accented-Latin, Greek /
+Cyrillic / Hebrew / Arabic or emoji line after every 20th, repeated up to ``--mb`` megabytes (10^6 bytes).
+Each measurement runs in a fresh Python process that first imports charlm.data (torch, numpy, Lightning):
+its RSS then is the import baseline. On Linux the process resets its RSS high-water mark to that baseline
+(/proc/self/clear_refs), so the peak it reports afterwards (VmHWM) belongs to the ``load_tokens`` call
+alone; elsewhere it falls back to ``ru_maxrss``, which also counts the import's transient peak. Targets:
+at least 100 MB/s, and a peak RSS above the import baseline of at most twice the corpus size.
+
+(Not ``bench/tokenize.py``: run as a script, that file would shadow the standard library's ``tokenize``,
+which torch imports, and break every script in bench/.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import describe, machine_info, table, write_json
+from charlm import ROOT, UserError, reported_user_errors
+
+TARGET_MB_S = 100.0
+TARGET_MEMORY_RATIO = 2.0  # peak RSS above the import baseline / corpus bytes
+NON_ASCII = (
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "Ça ne fait rien, señor: the naïve café's façade, Ærøskøbing, Dvořák, Łódź, Zürich, São Paulo.",
+    "🙂 the time machine 🚀 went 🌍 forward ✨ and back 🎉 👩‍💻 🐍 🤖",
+    "Ελληνικά γράμματα, русский текст, עברית, العربية.",
+)
+MEASUREMENTS = {"first_run": "first run (empty cache)", "cached": "cached reload"}
+
+
+def build_corpus(path: Path, n_bytes: int) -> int:
+    """Write whole lines of mixed-script UTF-8 to ``path``, at most ``n_bytes``; return the bytes written."""
+    lines: list[str] = []
+    for name in ("timemachine.txt", "tinyshakespeare.txt"):
+        lines += (ROOT / "data" / name).read_text(encoding="utf-8").splitlines(keepends=True)
+    mixed = []
+    for i, line in enumerate(lines, 1):
+        mixed.append(line)
+        if i % 20 == 0:
+            mixed.append(NON_ASCII[(i // 20) % len(NON_ASCII)] + "\n")
+    block = "".join(mixed).encode("utf-8")
+    repeats, rest = divmod(n_bytes, len(block))
+    tail = block[: block.rfind(b"\n", 0, rest) + 1]  # whole lines only, so no character is cut in half
+    with path.open("wb") as f:
+        for _ in range(repeats):
+            f.write(block)
+        f.write(tail)
+    return repeats * len(block) + len(tail)
+
+
+def _status_bytes(field: str) -> int:
+    """A size field (``VmRSS``, ``VmHWM``) of /proc/self/status, in bytes."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
+
+
+def max_rss() -> int:
+    """``ru_maxrss``: the peak RSS of this process's whole life, in bytes (Linux reports KiB, macOS bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
+    """One ``load_tokens`` call in this fresh process: its seconds, the RSS before it, and its peak RSS."""
+    from charlm.data import load_tokens  # here, so that only the measuring processes pay for Lightning's import
+
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")  # Linux: VmHWM := VmRSS, so the next VmHWM is the peak of this call alone
+        baseline = _status_bytes("VmRSS")
+    else:
+        baseline = max_rss()
+    cached = cache_dir.is_dir() and any(cache_dir.iterdir())
+    start = time.perf_counter()
+    tokens, vocab = load_tokens(corpus, preprocess, "\ufffd", cache_dir)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "cache_hit": cached,
+        "baseline_rss": baseline,
+        "peak_rss": _status_bytes("VmHWM") if clear_refs.exists() else max_rss(),
+        "lifetime_max_rss": max_rss(),
+        "characters": len(tokens),
+        "vocab_size": len(vocab),
+        "dtype": str(tokens.dtype),
+    }
+
+
+def measure_in_subprocess(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", str(corpus), "--cache-dir", str(cache_dir)]
+    proc = subprocess.run([*cmd, "--preprocess", preprocess], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if last.startswith("error: "):  # a UserError of load_tokens: pass its sentence on as it is
+            raise UserError(last.removeprefix("error: "))
+        raise UserError(f"the measuring process failed with exit code {proc.returncode} ({last}); fix that first.")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], corpus_bytes: int) -> dict:
+    """Median time, worst memory over the repeats, against the targets."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    above = max(r["peak_rss"] - r["baseline_rss"] for r in runs)
+    return {
+        "seconds": seconds,
+        "mb_per_s": corpus_bytes / 1e6 / seconds,
+        "peak_rss_mb": max(r["peak_rss"] for r in runs) / 1e6,
+        "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in runs) / 1e6,
+        "above_baseline_mb": above / 1e6,
+        "above_baseline_per_corpus": above / corpus_bytes,
+        "meets_speed": corpus_bytes / 1e6 / seconds >= TARGET_MB_S,
+        "meets_memory": above / corpus_bytes <= TARGET_MEMORY_RATIO,
+        "runs": runs,
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.mb <= 0 or args.repeats < 1:
+        raise UserError(f"--mb {args.mb} and --repeats {args.repeats} must be positive; e.g. --mb 100 --repeats 3.")
+    info = machine_info()
+    print(describe(info), flush=True)
+    with tempfile.TemporaryDirectory(prefix="charlm-bench-", dir=args.tmp_dir) as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus_bytes = build_corpus(corpus, round(args.mb * 1e6))
+        if corpus_bytes == 0:
+            raise UserError(f"--mb {args.mb} is smaller than one line of text; use --mb 0.01 or more.")
+        runs: dict[str, list[dict]] = {stage: [] for stage in MEASUREMENTS}
+        for r in range(args.repeats):
+            cache_dir = Path(tmp) / f"cache{r}"  # empty: the first call tokenizes, the second reloads
+            for stage in MEASUREMENTS:
+                result = measure_in_subprocess(corpus, cache_dir, args.preprocess)
+                if stage == "cached" and not result["cache_hit"]:
+                    raise UserError(
+                        "load_tokens left its cache dir empty, so no reload can be measured; fix its cache."
+                    )
+                runs[stage].append(result)
+    first = runs["first_run"][0]
+    print(
+        f"corpus: {corpus_bytes / 1e6:.1f} MB, {first['characters']:,} characters, vocab {first['vocab_size']}"
+        f" ({first['dtype']}), data.preprocess={args.preprocess}; median of {args.repeats} run(s), MB = 10^6 bytes\n"
+    )
+    results = {stage: summarise(stage_runs, corpus_bytes) for stage, stage_runs in runs.items()}
+    header = ["load_tokens", "seconds", "MB/s", "peak RSS MB", "import baseline MB", "above baseline MB", "x corpus"]
+    rows = [
+        [
+            MEASUREMENTS[stage],
+            f"{s['seconds']:.3f}",
+            f"{s['mb_per_s']:,.1f}",
+            f"{s['peak_rss_mb']:,.0f}",
+            f"{s['baseline_rss_mb']:,.0f}",
+            f"{s['above_baseline_mb']:,.0f}",
+            f"{s['above_baseline_per_corpus']:.2f}",
+        ]
+        for stage, s in results.items()
+    ]
+    print(table(header, rows))
+    print(f"\ntargets: >= {TARGET_MB_S:.0f} MB/s, peak RSS above baseline <= {TARGET_MEMORY_RATIO:.0f}x corpus")
+    verdict = {True: "met", False: "MISSED"}
+    for stage, s in results.items():
+        print(f"  {MEASUREMENTS[stage]}: speed {verdict[s['meets_speed']]}, memory {verdict[s['meets_memory']]}")
+    report = {
+        "benchmark": "tokenize",
+        "machine": info,
+        "corpus": {k: first[k] for k in ("characters", "vocab_size", "dtype")}
+        | {"bytes": corpus_bytes, "preprocess": args.preprocess, "repeats": args.repeats},
+        "targets": {"mb_per_s": TARGET_MB_S, "above_baseline_per_corpus": TARGET_MEMORY_RATIO},
+        "results": results,
+    }
+    print(f"json: {write_json(args.json, report)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (10^6 bytes); default 100")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh cache dirs to measure; the median is shown")
+    parser.add_argument("--preprocess", default="none", help="data.preprocess (none, d2l); default none")
+    parser.add_argument("--tmp-dir", default=None, help="where to build the corpus; default the system temp dir")
+    parser.add_argument("--json", default=ROOT / "outputs/bench/tokenize.json", help="default outputs/bench/")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    with reported_user_errors():
+        if args.measure:
+            print(json.dumps(measure(args.measure, args.cache_dir, args.preprocess)))
+        else:
+            run(args)
+
+
+if __name__ == "__main__":
+    main()

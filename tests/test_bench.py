@@ -1,0 +1,162 @@
+"""The benchmark scripts run end to end on tiny inputs and report sane numbers; the Optuna searches compose."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from bench.quality import experiments, lightning_time
+from bench.tokenize_speed import NON_ASCII, build_corpus
+from charlm import UserError
+from charlm.model import CELLS
+from tests.conftest import ROOT, make_text, tiny_overrides
+from tests.test_train import assert_user_error, run_cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_build_corpus_writes_whole_lines_of_every_script(tmp_path):
+    path = tmp_path / "corpus.txt"
+    written = build_corpus(path, 300_000)
+    raw = path.read_bytes()
+    assert len(raw) == written and 290_000 < written <= 300_000
+    text = raw.decode("utf-8")  # whole lines only: no character cut in half
+    assert text.endswith("\n") and "Time Traveller" in text and "First Citizen" in text
+    assert all(line in text for line in NON_ASCII)
+
+
+def test_tokenize_speed_reports_first_run_and_cached_reload(tmp_path):
+    out = tmp_path / "tokenize.json"
+    proc = run_cli(
+        "bench/tokenize_speed.py", "--mb", "1", "--repeats", "1", "--tmp-dir", str(tmp_path), "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine: ") and "first run" in proc.stdout and "cached reload" in proc.stdout
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"]
+    corpus = report["corpus"]
+    assert 0.99e6 < corpus["bytes"] <= 1e6
+    assert corpus["vocab_size"] > 100 and 0 < corpus["characters"] < corpus["bytes"]  # multi-byte characters
+    for stage in ("first_run", "cached"):
+        r = report["results"][stage]
+        assert r["seconds"] > 0 and r["mb_per_s"] > 0
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 10  # the baseline holds torch and Lightning
+        assert r["above_baseline_mb"] >= 0 and r["above_baseline_per_corpus"] >= 0
+        assert isinstance(r["meets_speed"], bool) and isinstance(r["meets_memory"], bool)
+        assert [run["cache_hit"] for run in r["runs"]] == [stage == "cached"]
+    assert not list(tmp_path.glob("charlm-bench-*")), "the temporary corpus and caches are removed"
+
+
+def test_tokenize_speed_refuses_a_bad_size(tmp_path):
+    assert_user_error(run_cli("bench/tokenize_speed.py", "--mb", "0", "--json", str(tmp_path / "x.json")), "--mb")
+
+
+def write_events(run_dir: Path, bpc: list[float], tag: str = "val/bpc") -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    start = time.time()
+    for i, value in enumerate(bpc):
+        writer.add_scalar(tag, value, global_step=10 * (i + 1), walltime=start + 30.0 * (i + 1))
+    writer.close()
+
+
+def test_run_events_reads_scalars_against_seconds_since_the_first_event(tmp_path):
+    from bench.events import RunEvents
+
+    write_events(tmp_path / "run", [3.0, 2.5, 2.2])
+    run = RunEvents(tmp_path / "run")
+    assert run.dir == tmp_path / "run" / "tb" and RunEvents(tmp_path / "run" / "tb").dir == run.dir
+    assert run.values("val/bpc") == pytest.approx([3.0, 2.5, 2.2])
+    assert run.seconds("val/bpc") == pytest.approx([30.0, 60.0, 90.0], abs=1.0)
+    with pytest.raises(UserError, match="val/loss"):
+        run.scalars("val/loss")
+
+
+def test_plot_curves_writes_a_png_with_one_line_per_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_events(tmp_path / "lstm", [3.0, 2.5, 2.2])
+    write_events(tmp_path / "gru", [3.1, 2.4])
+    out = tmp_path / "docs" / "curves.png"
+    proc = run_cli(
+        "bench/plot_curves.py",
+        "--run",
+        f"LSTM={tmp_path / 'lstm'}",
+        "--run",
+        str(tmp_path / "gru" / "tb"),
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_bytes().startswith(PNG_SIGNATURE) and out.stat().st_size > 10_000
+    assert "LSTM: 3 points, last 2.2000 bpc" in proc.stdout and "gru: 2 points" in proc.stdout
+
+
+def test_plot_curves_refuses_a_dir_without_events_or_without_val_bpc(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("bench/plot_curves.py", "--run", f"x={tmp_path / 'empty'}", "--out", str(tmp_path / "x.png"))
+    assert_user_error(proc, "no TensorBoard event files")
+    write_events(tmp_path / "no_val", [4.0], tag="train/loss")
+    proc = run_cli("bench/plot_curves.py", "--run", str(tmp_path / "no_val"), "--out", str(tmp_path / "x.png"))
+    assert_user_error(proc, "'val/bpc'")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_quality_formats_lightning_max_time_and_checks_experiment_names():
+    assert [lightning_time(s) for s in (1, 90, 3600, 90061)] == [
+        "00:00:00:01",
+        "00:00:01:30",
+        "00:01:00:00",
+        "01:01:01:01",
+    ]
+    assert experiments(["default,shakespeare", "zaremba_small"]) == ["default", "shakespeare", "zaremba_small"]
+    with pytest.raises(UserError, match="no conf/experiment/nope.yaml"):
+        experiments(["nope"])
+
+
+@pytest.mark.slow
+def test_quality_trains_for_a_fixed_time_and_reads_back_val_loss(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    overrides = [o for o in tiny_overrides(corpus, tmp_path, "test=false") if not o.startswith("paths.output_dir")]
+    out = tmp_path / "quality.json"
+    args = ["--experiment", "default", "--max-time", "60", "--out-dir", str(tmp_path / "runs"), "--json", str(out)]
+    proc = run_cli("bench/quality.py", *args, *(f"--override={o}" for o in overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    assert run["val_points"] == 2 and run["epochs"] == 2  # tiny_overrides: max_epochs=2 comes before 60 s
+    assert 0 < run["val_loss_best"] <= run["val_loss_last"] < 10
+    assert run["val_bpc_last"] == pytest.approx(run["val_loss_last"] / 0.6931471805599453, rel=1e-4)
+    assert run["wall_seconds"] > 0 and (tmp_path / "runs/default/tb").is_dir()
+
+
+SEARCHES = {"timemachine_optuna": [], "shakespeare_optuna": ["experiment=shakespeare"]}
+
+
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_optuna_search_composes_and_every_point_of_its_space_fits_the_corpus(search, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    overrides = [f"hparams_search={search}", *SEARCHES[search], f"paths.cache_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.optimized_metric == "val/loss"
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    spaces = {o.get_key_element(): create_optuna_distribution_from_override(o) for o in parsed}
+    for key in spaces:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", f"{key} is not a config key"
+    assert set(spaces["model.cell"].choices) <= set(CELLS)
+    # The largest batch and window of the space still fit every split of the corpus.
+    cfg.data.batch_size, cfg.data.seq_len = max(spaces["data.batch_size"].choices), max(spaces["data.seq_len"].choices)
+    instantiate(cfg.data).check_sizes()
