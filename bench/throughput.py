@@ -94,15 +94,17 @@ def run_plain(cfg, dm, args: argparse.Namespace, weights: dict) -> float:
     net.load_state_dict(weights)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=m.lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
+    bf16 = str(cfg.trainer.precision).startswith("bf16")  # the same autocast Lightning applies
     state, start = None, None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             start = time.perf_counter()
         j = i * args.seq_len % (n - args.seq_len)
         x, y = streams[:, j : j + args.seq_len], targets[:, j : j + args.seq_len]
-        logits, state = net(x, state)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, state = net(x, state)
         state = state.detach()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.trainer.gradient_clip_val)
@@ -115,8 +117,8 @@ def flops_per_char(cell: str, layers: int, hidden: int, embedding: int, vocab: i
     return sum(6 * GATES[cell] * hidden * (n + hidden) for n in sizes) + 6 * hidden * vocab
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
@@ -151,6 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_run(args, Path(tmp))
         dm = instantiate(cfg.data)
+        print(f"precision {cfg.trainer.precision} in both loops (change it with --override trainer.precision=...)")
         for i in range(args.pairs):
             charlm, weights = run_charlm(cfg, args)
             plain = run_plain(cfg, dm, args, weights)
@@ -167,17 +170,27 @@ def main() -> None:
     embedding = cfg.model.embedding_size or args.hidden
     fpc = flops_per_char(args.cell, args.layers, args.hidden, embedding, len(dm.vocab))
     peak = matmul_peak()
+    peak_bf16 = matmul_peak(torch.bfloat16)
     achieved = {k: statistics.median(r[f"{k}_chars_per_s"] for r in pairs) * fpc / 1e9 for k in ("charlm", "plain")}
     print()
     print(
         table(
             ["roofline", "GFLOP/s", "% of matmul peak"],
             [[f"{k} training", f"{v:.1f}", f"{100 * v / peak:.0f}%"] for k, v in achieved.items()]
-            + [["fp32 matmul 2048^3 (peak)", f"{peak:.1f}", "100%"]],
+            + [
+                ["fp32 matmul 2048^3 (peak)", f"{peak:.1f}", "100%"],
+                ["bf16 matmul 2048^3", f"{peak_bf16:.1f}", f"{100 * peak_bf16 / peak:.0f}%"],
+            ],
         )
     )
     print(f"({fpc / 1e6:.2f} MFLOP per training character)")
-    result = {"pairs": pairs, "median_ratio": median, "flops_per_char": fpc, "matmul_peak_gflops": peak}
+    result = {
+        "pairs": pairs,
+        "median_ratio": median,
+        "flops_per_char": fpc,
+        "matmul_peak_gflops": peak,
+        "bf16_matmul_gflops": peak_bf16,
+    }
     path = write_json(args.json, {"machine": info, "args": vars(args), "results": result | {"gflops": achieved}})
     print(f"JSON: {path}")
 

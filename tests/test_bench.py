@@ -160,3 +160,45 @@ def test_optuna_search_composes_and_every_point_of_its_space_fits_the_corpus(sea
     # The largest batch and window of the space still fit every split of the corpus.
     cfg.data.batch_size, cfg.data.seq_len = max(spaces["data.batch_size"].choices), max(spaces["data.seq_len"].choices)
     instantiate(cfg.data).check_sizes()
+
+
+def test_cells_benchmark_reports_fused_and_scratch(tmp_path):
+    out = tmp_path / "cells.json"
+    args = ["--cells", "lstm", "gru", "--hidden", "16", "--batch", "4", "--seq-len", "8", "--steps", "1"]
+    proc = run_cli("bench/cells.py", *args, "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scratch / fused" in proc.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["cell"], r["hidden"]) for r in rows] == [("lstm", 16), ("gru", 16)]
+    for r in rows:
+        assert r["fused_chars_per_s"] > 0 and r["ratio"] == pytest.approx(
+            r["scratch_chars_per_s"] / r["fused_chars_per_s"]
+        )
+
+
+def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tmp_path):
+    out = tmp_path / "sampling.json"
+    args = ["--hidden", "16", "--streams", "1", "3", "--lengths", "5", "40", "--naive-budget", "500"]
+    proc = run_cli("bench/sampling.py", *args, "--fused-step-max-length", "10", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["sampler"], r["streams"], r["length"]): r for r in json.loads(out.read_text())["results"]}
+    assert len(rows) == 3 * 2 * 2
+    assert all(r["seconds"] > 0 for (name, _, _), r in rows.items() if name == "charlm")
+    assert rows[("fused step", 1, 40)]["seconds"] is None and rows[("fused step", 3, 5)]["seconds"] > 0
+    assert rows[("naive", 3, 40)]["seconds"] is None  # 3 * 40^2 / 2 > 500
+    r = rows[("charlm", 3, 40)]
+    assert r["chars_per_s"] == pytest.approx(3 * 40 / r["seconds"])
+
+
+def test_throughput_benchmark_compares_charlm_with_a_plain_loop(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = ["--hidden", "16", "--batch", "4", "--seq-len", "8", "--steps", "2", "--warmup", "1", "--pairs", "1"]
+    proc = run_cli("bench/throughput.py", *args, "--override", f"paths.cache_dir={tmp_path}", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"]
+    (pair,) = result["pairs"]
+    assert pair["charlm_chars_per_s"] > 0 and pair["plain_chars_per_s"] > 0
+    assert result["median_ratio"] == pytest.approx(pair["ratio"])
+    # 2 LSTM layers of 16 over a 16-wide embedding, 65-char decoder: 2 * 24 * 16 * 32 + 6 * 16 * 65
+    assert result["flops_per_char"] == 2 * 24 * 16 * 32 + 6 * 16 * 65
+    assert result["matmul_peak_gflops"] > 0
