@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,69 +10,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from charlm import UserError
+from charlm.corpus import load_tokens
 from charlm.vocab import CharVocab
 
-PREPROCESS = ("none", "d2l")
 SAMPLING = ("tbptt", "random")
 STAGES = ("train", "val", "test")
-_CACHE_FORMAT = 1  # bump when the cache layout changes, so stale caches are rebuilt
 
 Batch = tuple[torch.Tensor, torch.Tensor, bool]  # x [B, T] int64, y [B, T] int64, reset: streams start afresh
-
-
-def read_corpus(path: str | Path) -> bytes:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"corpus file {str(path)!r} does not exist; pass an existing UTF-8 text file as data.path.")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError(f"corpus file {str(path)!r} is empty; pass a file with text in it as data.path.")
-    return raw
-
-
-def decode_corpus(raw: bytes, path: str | Path, preprocess: str = "none") -> str:
-    """UTF-8 text, optionally reduced as d2l's ``read_time_machine`` does (lower-case letters and spaces)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"corpus file {str(path)!r} is not valid UTF-8 at byte offset {e.start}; convert it (e.g. iconv -t UTF-8)."
-        ) from None
-    if preprocess == "d2l":
-        # d2l.TimeMachine._preprocess: every run of non-letters becomes one space, then lower-case.
-        text = re.sub("[^A-Za-z]+", " ", text).lower()
-    return text
-
-
-def load_tokens(
-    path: str | Path, preprocess: str = "none", unk: str | None = "\ufffd", cache_dir: str | Path | None = None
-) -> tuple[np.ndarray, CharVocab]:
-    """Tokenize ``path`` once and memory-map the result on later calls.
-
-    The cache directory is keyed by the file's content hash plus the options that change the tokens, and
-    holds ``tokens.npy`` (uint8/uint16) next to ``vocab.json``. Both are written to temporary names and
-    renamed, so concurrent ranks or an interrupted run never leave a half-written cache behind.
-    """
-    if preprocess not in PREPROCESS:
-        raise UserError(f"data.preprocess={preprocess!r} is not known; use one of {', '.join(PREPROCESS)}.")
-    raw = read_corpus(path)
-    key = hashlib.sha1(raw)
-    key.update(repr((_CACHE_FORMAT, preprocess, unk)).encode())
-    cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{Path(path).stem}-{key.hexdigest()[:16]}"
-    tokens_file, vocab_file = cache / "tokens.npy", cache / "vocab.json"
-    if not (tokens_file.is_file() and vocab_file.is_file()):
-        text = decode_corpus(raw, path, preprocess)
-        if not text:
-            raise UserError(f"corpus file {str(path)!r} is empty after data.preprocess={preprocess}; use another file.")
-        vocab = CharVocab.from_text(text, unk=unk)
-        tokens = vocab.encode(text)
-        cache.mkdir(parents=True, exist_ok=True)
-        suffix = f".tmp{os.getpid()}"
-        np.save(tokens_file.with_suffix(suffix + ".npy"), tokens)
-        vocab.save(vocab_file.with_suffix(suffix))
-        os.replace(tokens_file.with_suffix(suffix + ".npy"), tokens_file)
-        os.replace(vocab_file.with_suffix(suffix), vocab_file)
-    return np.load(tokens_file, mmap_mode="r"), CharVocab.load(vocab_file)
 
 
 def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:

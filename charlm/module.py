@@ -153,12 +153,18 @@ class CharLM(pl.LightningModule):
                 " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
             )
 
+        warmup_done_at: list[float] = []  # seconds on the clock when warm-up ended
+
         def run_progress(step: int) -> float:
-            """How far the run is, 0 -> 1: by steps, or by wall clock under trainer.max_time, whichever is further."""
+            """How far the run is after warm-up, 0 -> 1: by steps, or by wall clock under trainer.max_time,
+            whichever is further."""
             done = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps) if math.isfinite(total) else 0.0
             if timer is not None:
                 elapsed = timer.time_elapsed("train")
-                done = max(done, elapsed / (elapsed + timer.time_remaining("train")))
+                if not warmup_done_at:
+                    warmup_done_at.append(elapsed)
+                budget = elapsed + timer.time_remaining("train") - warmup_done_at[0]
+                done = max(done, (elapsed - warmup_done_at[0]) / max(budget, 1e-9))
             return min(1.0, done)
 
         def factor(step: int) -> float:

@@ -1,21 +1,99 @@
-"""CharVocab: a deterministic vocabulary of Unicode code points with a vectorised encoder."""
+"""CharVocab: a deterministic vocabulary of Unicode code points with a vectorised encoder, and a streaming one."""
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from charlm import UserError
 
 UNKNOWN_POLICIES = ("error", "unk", "skip")
-_CHUNK = 1 << 24  # characters encoded per step: bounds the UTF-32 scratch buffer to 64 MiB
+CODE_POINTS = 0x110000  # every Unicode code point is below this
+_CHUNK = 1 << 16  # characters encoded per step: the 256 KiB UTF-32 scratch stays in cache, and malloc reuses it
 
 
-def _code_points(text: str) -> np.ndarray:
+def code_points(text: str) -> np.ndarray:
     """All code points of ``text`` as uint32, without a per-character Python loop."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+class FirstSeenIds:
+    """Ids for a text whose vocab is not known yet: each code point gets the next free id when first seen.
+
+    So a text can be encoded in one pass over its blocks; ``CharVocab(chars).encode(chars)`` then maps these
+    ids to the vocab's. The lookup table marks unseen code points with its dtype's largest value, so ids are
+    uint8 up to 255 distinct characters, then uint16, then uint32; ids given out keep their values.
+    """
+
+    def __init__(self):
+        self._cps = np.empty(0, dtype=np.uint32)  # id -> code point
+        self._table = np.full(CODE_POINTS, 0xFF, dtype=np.uint8)  # code point -> id, or the dtype's max: unseen
+
+    @property
+    def chars(self) -> str:
+        """The characters seen so far, in id order."""
+        return self._cps.tobytes().decode("utf-32-le")
+
+    def encode(self, cps: np.ndarray) -> np.ndarray:
+        """Ids of the code points ``cps`` (uint32 array), numbering those not seen before."""
+        ids = self._table.take(cps)
+        unseen = np.iinfo(ids.dtype).max
+        if len(ids) and ids.max() == unseen:
+            self._number(np.unique(cps[ids == unseen]))
+            ids = self._table.take(cps)
+        return ids
+
+    def _number(self, new: np.ndarray) -> None:
+        count = len(self._cps) + len(new)
+        if count > np.iinfo(self._table.dtype).max:  # widen the table; the ids given out keep their values
+            dtype = np.uint16 if count <= 0xFFFF else np.uint32
+            self._table = np.full(CODE_POINTS, np.iinfo(dtype).max, dtype=dtype)
+            self._table[self._cps] = np.arange(len(self._cps))
+        self._table[new] = np.arange(len(self._cps), count)
+        self._cps = np.concatenate([self._cps, new])
+
+
+class StreamEncoder:
+    """Builds the vocab of UTF-8 text too large to hold while encoding it, one block of bytes at a time.
+
+    ``write`` takes blocks cut anywhere, even inside a character, and appends each block's first-seen ids
+    to ``scratch``, a binary file, so memory holds one block. After the last block, ``vocab`` is the vocab
+    of the whole text and ``ids`` reads the text back from ``scratch`` in that vocab's ids.
+    """
+
+    def __init__(self, scratch: BinaryIO):
+        self.scratch = scratch
+        self.position = 0  # stream offset that a UnicodeDecodeError's ``start`` from ``write`` counts from
+        self._fed = 0  # bytes given to the decoder
+        self._decoder = codecs.getincrementaldecoder("utf-8")()  # holds back a character cut by a block's end
+        self._seen = FirstSeenIds()
+        self._sizes: list[tuple[np.dtype, int]] = []  # dtype and length of each block's first-seen ids
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self._sizes)
+
+    def write(self, block: bytes, final: bool = False) -> None:
+        """Encode the next block; ``final`` marks the end of the text, so a cut character there is an error."""
+        self.position = self._fed - len(self._decoder.getstate()[0])
+        ids = self._seen.encode(code_points(self._decoder.decode(block, final)))
+        self._fed += len(block)
+        self.scratch.write(ids)
+        self._sizes.append((ids.dtype, len(ids)))
+
+    def vocab(self, unk: str | None = None) -> CharVocab:
+        return CharVocab(self._seen.chars, unk=unk)
+
+    def ids(self, vocab: CharVocab) -> Iterator[np.ndarray]:
+        """The text's ids in ``vocab`` (a vocab of at least its characters), block by block."""
+        renumber = vocab.encode(self._seen.chars)  # first-seen id -> vocab id, in the vocab's dtype
+        self.scratch.seek(0)
+        for dtype, n in self._sizes:
+            yield renumber.take(np.frombuffer(self.scratch.read(n * dtype.itemsize), dtype))
 
 
 class CharVocab:
@@ -40,9 +118,10 @@ class CharVocab:
 
     @classmethod
     def from_text(cls, text: str, unk: str | None = None) -> CharVocab:
-        per_chunk = [np.unique(_code_points(text[i : i + _CHUNK])) for i in range(0, len(text), _CHUNK)]
-        cps = np.unique(np.concatenate(per_chunk)) if per_chunk else []
-        return cls([chr(c) for c in cps], unk=unk)
+        seen = FirstSeenIds()
+        for start in range(0, len(text), _CHUNK):
+            seen.encode(code_points(text[start : start + _CHUNK]))
+        return cls(seen.chars, unk=unk)
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -70,7 +149,7 @@ class CharVocab:
             raise UserError("unknown=unk needs a vocab with an unk character; use unknown=skip or unknown=error.")
         parts = []
         for start in range(0, len(text), _CHUNK):
-            cps = _code_points(text[start : start + _CHUNK])
+            cps = code_points(text[start : start + _CHUNK])
             ids = self._table[np.minimum(cps, len(self._table) - 1)]
             missing = ids < 0
             if missing.any():

@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+import charlm.corpus
 from charlm import UserError
-from charlm.data import CharDataModule, RandomWindows, StreamBatches, load_tokens, split_tokens
+from charlm.corpus import load_tokens, read_corpus
+from charlm.data import CharDataModule, RandomWindows, StreamBatches, split_tokens
+from charlm.vocab import CharVocab
 from tests.conftest import ROOT
 
 
@@ -113,3 +116,56 @@ def test_too_small_corpus_states_the_minimum(tmp_path):
     dm.check_sizes(world_size=1)  # val needs 2 x 16 + 1 = 33 <= 50
     with pytest.raises(UserError, match=r"val split .* 2 rank\(s\) needs at least 65"):
         dm.check_sizes(world_size=2)
+
+
+MIXED = "Ça naïve 时间机器 Ελληνικά русский עברית العربية 🙂🚀 e\u0301 tab\tCRLF\r\n"  # 1- to 4-byte characters
+
+
+def reference_tokens(text: str, unk: str | None = "\ufffd") -> tuple[np.ndarray, CharVocab]:
+    vocab = CharVocab.from_text(text, unk=unk)
+    return vocab.encode(text), vocab
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 64])
+def test_streamed_tokens_do_not_depend_on_where_blocks_cut_characters(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(charlm.corpus, "_BLOCK", block)
+    text = MIXED * 5
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text(text, encoding="utf-8", newline="")
+    tokens, vocab = load_tokens(corpus, cache_dir=tmp_path / "cache")
+    expected, reference = reference_tokens(text)
+    assert vocab == reference and tokens.dtype == expected.dtype and np.array_equal(tokens, expected)
+
+
+def test_streamed_tokens_equal_whole_text_encode_on_a_multi_block_corpus(tmp_path):
+    text = (MIXED + (ROOT / "data/timemachine.txt").read_text(encoding="utf-8")[:20000]) * 12  # > 2 blocks
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text(text, encoding="utf-8", newline="")
+    assert corpus.stat().st_size > 2 * charlm.corpus._BLOCK
+    for unk in ("\ufffd", None, "\U0001f600"):  # unk beyond, absent from, or inside the corpus's code points
+        tokens, vocab = load_tokens(corpus, unk=unk, cache_dir=tmp_path / "cache")
+        expected, reference = reference_tokens(text, unk)
+        assert vocab == reference and tokens.dtype == expected.dtype and np.array_equal(tokens, expected)
+
+
+@pytest.mark.parametrize(
+    ("tail", "offset"),
+    [(b"\xff rest", 0), (b"\xe4\xb8x", 0), (b"\xf0\x9f\x9a", 0), ("🚀".encode() + b"\x80", 4)],
+)
+def test_invalid_utf8_after_the_first_block_reports_its_file_offset(tmp_path, monkeypatch, tail, offset):
+    head = (MIXED * 2).encode("utf-8")  # many blocks, cut inside characters
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(head + tail)
+    for block in (16, 17, 18, 19):  # so that some block ends inside the invalid sequence
+        monkeypatch.setattr(charlm.corpus, "_BLOCK", block)
+        with pytest.raises(UserError, match=rf"not valid UTF-8 at byte offset {len(head) + offset};"):
+            load_tokens(corpus, cache_dir=tmp_path / "cache")
+        assert list((tmp_path / "cache").iterdir()) == []  # neither a cache entry nor a temporary file is left
+
+
+def test_whitespace_only_corpus_is_empty(tmp_path):
+    corpus = tmp_path / "blank.txt"
+    corpus.write_bytes(b" \t\r\n" * 10)
+    for load in (read_corpus, lambda p: load_tokens(p, cache_dir=tmp_path / "cache")):
+        with pytest.raises(UserError, match="is empty"):
+            load(corpus)
