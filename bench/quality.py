@@ -5,10 +5,10 @@
 
 Each experiment runs as ``train.py experiment=NAME trainer.max_time=DD:HH:MM:SS sample_length=0`` (plus every
 ``--override``) in its own directory under ``--out-dir``; ``default`` is train.py's defaults (The Time Machine).
-A run stops at ``--max-time`` or at the experiment's own ``trainer.max_epochs``, whichever comes first (a cosine
-schedule still anneals over max_epochs), and Lightning validates once more when the time is up. The numbers
-are read back from the run's TensorBoard events: val loss in nats, bits per character, and test metrics
-where the experiment has a test split (evaluated on the best checkpoint).
+A run stops at ``--max-time`` or at the experiment's own ``trainer.max_epochs``, whichever comes first (a
+cosine schedule anneals over whichever of the two ends the run), and Lightning validates once more when the
+time is up. The numbers are read back from the run's TensorBoard events: val loss in nats, bits per
+character, and test metrics where the experiment has a test split (evaluated on the best checkpoint).
 """
 
 from __future__ import annotations

@@ -217,10 +217,13 @@ class Stepper:
         y = torch.addmm(bias, x, weight_t)
         return y if norm is None else norm(y)
 
+    def split(self, state: State) -> list[tuple]:
+        """State [S, L, N, H] -> per layer (h [N, H], C [N, H] or None), the form ``advance`` carries."""
+        return [(state[0, k], state[1, k] if self.cell == "lstm" else None) for k in range(len(self.layers))]
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        layers = [(state[0, k], state[1, k] if self.cell == "lstm" else None) for k in range(len(self.layers))]
-        logits, layers = self.advance(ids, layers)
+        logits, layers = self.advance(ids, self.split(state))
         return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in layers], dim=1)
 
     def advance(self, ids: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:

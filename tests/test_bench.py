@@ -137,7 +137,11 @@ def test_quality_trains_for_a_fixed_time_and_reads_back_val_loss(tmp_path):
     assert run["wall_seconds"] > 0 and (tmp_path / "runs/default/tb").is_dir()
 
 
-SEARCHES = {"timemachine_optuna": [], "shakespeare_optuna": ["experiment=shakespeare"]}
+SEARCHES = {
+    "timemachine_optuna": [],
+    "shakespeare_optuna": ["experiment=shakespeare"],
+    "shakespeare_1min_optuna": ["experiment=shakespeare_1min"],
+}
 
 
 @pytest.mark.parametrize("search", sorted(SEARCHES))
