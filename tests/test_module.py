@@ -90,6 +90,7 @@ def test_cosine_follows_the_wall_clock_under_max_time(corpus, tmp_path):
     out = tmp_path / "timed"
     extra = ["test=false", "sample_length=0", "trainer.max_epochs=-1", "trainer.log_every_n_steps=1"]
     timed = ["trainer.max_time=00:00:00:06", "model.scheduler=cosine", "model.lr=0.01", "model.min_lr=0.0001"]
+    timed.append("model.warmup_steps=0")
     train(compose_train(tiny_overrides(corpus, out, *extra, *timed)))
     lrs = lr_curve(out)
     assert len(lrs) > 20
