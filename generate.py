@@ -17,7 +17,11 @@ def run(cfg: DictConfig) -> list[str]:
     """Stream one sample to stdout as it is produced, or print ``num_samples`` samples made in one batch."""
     if not cfg.ckpt:
         raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={cfg.device} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
     overrides = {"impl": cfg.impl} if cfg.impl else {}

@@ -4,7 +4,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/ and data/ live here
 
@@ -16,10 +16,18 @@ class UserError(Exception):
     The message is one sentence that names the fix.
     """
 
+    exit_code = 2
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or gradient; reported like a UserError, with exit code 3."""
+
+    exit_code = 3
+
 
 @contextmanager
 def reported_user_errors():
-    """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and exit code 2."""
+    """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and its exit code."""
     try:
         yield
     except Exception as e:
@@ -29,4 +37,4 @@ def reported_user_errors():
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(cause.exit_code) from None

@@ -1,12 +1,24 @@
-"""Only what Lightning lacks: a text sample written to TensorBoard at the end of every validation."""
+"""Only what Lightning lacks: text samples in TensorBoard, a divergence guard, and a checkpoint on preemption."""
 
 from __future__ import annotations
 
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint, OnExceptionCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from charlm import Diverged, UserError
 from charlm.sampling import sample_text
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class TextSample(pl.Callback):
@@ -38,3 +50,137 @@ class TextSample(pl.Callback):
         block = "\n".join("    " + line for line in text.split("\n"))
         for logger in loggers:
             logger.experiment.add_text("sample", block, trainer.global_step)
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt`` is always the latest state: written at every epoch end, when training stops (also inside an
+    epoch, by ``max_steps`` or ``max_time``), and inside an epoch every ``every_n_train_steps`` steps and every
+    ``every_n_minutes`` of training (0 turns a trigger off).
+
+    Lightning's ModelCheckpoint takes only one of these triggers, and refreshes its ``save_last`` file only when
+    it saves a top-k file, so a run whose val loss stopped improving kept a stale ``last.ckpt``. ``clock`` is
+    injectable for tests.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        filename: str = "last",
+        every_n_train_steps: int = 0,
+        every_n_minutes: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if every_n_train_steps < 0 or every_n_minutes < 0:
+            raise UserError("callbacks.last_checkpoint.every_n_train_steps / every_n_minutes must be >= 0.")
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.every_n_train_steps, self.every_n_minutes, self.clock = every_n_train_steps, every_n_minutes, clock
+        self._last_save_time = 0.0
+        self._saved_at: tuple[int, str] | None = None  # (global step, moment) of the last save
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_save_time = self.clock()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        n = self.every_n_train_steps
+        due = bool(n) and trainer.global_step % n == 0
+        if self.every_n_minutes:  # rank 0's clock decides, so that every rank saves (saving is collective)
+            due |= trainer.strategy.broadcast(self.clock() - self._last_save_time >= 60 * self.every_n_minutes)
+        if due:
+            self._save(trainer, "step")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, "epoch")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_at != (trainer.global_step, "epoch"):
+            self._save(trainer, "end")
+
+    def _save(self, trainer: pl.Trainer, moment: str) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_at, self._last_save_time = (trainer.global_step, moment), self.clock()
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stop (``stop``) or skip (``skip``) a training step whose loss or gradient norm is not finite.
+
+    Runs in ``on_before_optimizer_step``, after backward and before clipping and the update, so a stopped run's
+    weights, ``last.ckpt`` and ``best.ckpt`` are all from the last finite step. Logs ``train/grad_norm`` (before
+    clipping). A skipped step updates nothing: its gradients are dropped (optimisers skip parameters without a
+    gradient, momentum included), the carried TBPTT state restarts, and ``train/skipped_steps`` counts it. A
+    non-finite val loss also stops the run, before the checkpoint callbacks see it.
+    """
+
+    def __init__(self, policy: str = "stop"):
+        if policy not in NONFINITE_POLICIES:
+            raise UserError(f"on_nonfinite={policy!r} is not known; use on_nonfinite=stop or on_nonfinite=skip.")
+        self.policy = policy
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        loss = pl_module.last_train_loss
+        bad = not (math.isfinite(float(norm)) and math.isfinite(float(loss)))
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank takes the same branch
+        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if not bad:
+            return
+        step = trainer.global_step
+        if self.policy == "stop":
+            raise Diverged(
+                f"training diverged at step {step} (loss {float(loss):.4g}, gradient norm {float(norm):.4g});"
+                " checkpoints keep the last finite state: lower model.lr, keep trainer.gradient_clip_val,"
+                " or pass on_nonfinite=skip."
+            )
+        self.skipped += 1
+        for p in pl_module.parameters():
+            p.grad = None
+        pl_module.reset_train_state()
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None or math.isfinite(float(loss)):
+            return
+        raise Diverged(
+            f"val/loss is {float(loss)} at step {trainer.global_step}; checkpoints keep the last finite"
+            " state: lower model.lr or keep trainer.gradient_clip_val."
+        )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = state_dict["skipped"]
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """On SIGTERM or the first Ctrl+C, finish the current step, write a resumable ``last.ckpt``, and stop.
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary; SIGINT is routed to the same
+    path here (a second Ctrl+C interrupts at once). Unlike ``OnExceptionCheckpoint`` this saves only for that
+    signal (not for errors, whose state may be half-updated) and keeps the file at teardown.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last"):
+        super().__init__(dirpath, filename)
+        self._previous_sigint = None
+        self.signal = "SIGTERM"  # what stopped the run, for its exit code
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)  # on every rank: Ctrl+C reaches all
+
+    def _sigint(self, signum, frame) -> None:
+        self.signal = "SIGINT"
+        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips callbacks' teardown after an exception
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None

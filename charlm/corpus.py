@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -15,14 +18,16 @@ from charlm import UserError
 from charlm.vocab import CharVocab, StreamEncoder
 
 PREPROCESS = ("none", "d2l")
-_CACHE_FORMAT = 1  # bump when the cache layout changes, so stale caches are rebuilt
+_CACHE_FORMAT = 2  # bump when the layout or the bytes a build writes change (_SAMPLE* too), so caches are rebuilt
 _BLOCK = 1 << 16  # corpus bytes decoded per step: malloc reuses such small buffers, so no page faults
+_SAMPLES, _SAMPLE = 16, 1 << 18  # tokens.npy bytes hashed by each load: 16 blocks of 256 KiB, all of 4 MiB or less
+_FILES = ("tokens.npy", "vocab.json", "manifest.json")  # in the order a build moves them into the cache
 
 
 def read_corpus(path: str | Path) -> bytes:
     """The whole file, for a ``data.preprocess`` that rewrites the whole text (load_tokens streams otherwise)."""
-    path = _existing(path)
-    raw = path.read_bytes()
+    with _open(path := _existing(path)) as f:
+        raw = f.read()
     if not raw or raw.isspace():  # not ``raw.strip()``, which copies the whole corpus
         raise _corpus_error(path, "is empty; pass a file with text in it as data.path")
     return raw
@@ -49,13 +54,22 @@ def _not_utf8(path: str | Path, offset: int) -> UserError:
 
 
 def _existing(path: str | Path) -> Path:
-    if not (path := Path(path).expanduser()).is_file():
+    if (path := Path(path).expanduser()).is_dir():
+        raise _corpus_error(path, "is a directory; pass the path of a UTF-8 text file as data.path")
+    if not path.is_file():
         raise _corpus_error(path, "does not exist; pass an existing UTF-8 text file as data.path")
     return path
 
 
+def _open(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except PermissionError:
+        raise _corpus_error(path, "is not readable (permission denied); chmod u+r it, or pass another file") from None
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as f:
+    with _open(path) as f:
         yield from iter(lambda: f.read(_BLOCK), b"")
 
 
@@ -100,26 +114,138 @@ def _tokenize(path: Path, preprocess: str, unk: str | None, tokens_npy: Path) ->
     return vocab
 
 
+class _BadCache(Exception):
+    """A cache that fails its check; the message says which check."""
+
+
+def _require(ok: bool, reason: str) -> None:
+    if not ok:
+        raise _BadCache(reason)
+
+
+def _sampled_sha1(ids: np.ndarray) -> str:
+    """SHA-1 of _SAMPLES evenly spaced blocks of the ids' bytes, the first and last included (all of a small array).
+
+    Not of every byte: on a 211 MB corpus a full SHA-1 of tokens.npy adds 90% to a cached load (which already
+    hashes the corpus for its key: 172 ms), while these 4 MiB add 2%. So a load catches a file rewritten, zeroed
+    or swapped, but not a few bytes changed between the samples, an out-of-range id among them included (a max
+    over every id would add 17%). The manifest's ``tokens_sha1`` covers every byte, for ``sha1sum tokens.npy``.
+    """
+    raw = ids.view(np.uint8)
+    if len(raw) <= _SAMPLES * _SAMPLE:
+        return hashlib.sha1(raw).hexdigest()
+    sha1 = hashlib.sha1()
+    for start in np.linspace(0, len(raw) - _SAMPLE, _SAMPLES, dtype=np.int64):
+        sha1.update(raw[start : start + _SAMPLE])
+    return sha1.hexdigest()
+
+
+def _manifest(tokens_npy: Path, vocab_json: Path) -> dict:
+    ids, vocab_raw = np.load(tokens_npy, mmap_mode="r"), vocab_json.read_bytes()
+    return {
+        "format": _CACHE_FORMAT,
+        "tokens": len(ids),
+        "dtype": ids.dtype.name,
+        "tokens_bytes": tokens_npy.stat().st_size,
+        "tokens_sha1": hashlib.sha1(np.memmap(tokens_npy, mode="r")).hexdigest(),
+        "tokens_sample_sha1": _sampled_sha1(ids),
+        "vocab_bytes": len(vocab_raw),
+        "vocab_sha1": hashlib.sha1(vocab_raw).hexdigest(),
+        "vocab_size": len(CharVocab.load(vocab_json)),
+        "min_id": int(ids.min()),
+        "max_id": int(ids.max()),
+    }
+
+
+def _read_cache(cache: Path) -> tuple[np.ndarray, CharVocab] | None:
+    """The cache's tokens and vocab, each file read once and those very bytes checked against the manifest.
+
+    None if there is no manifest yet: no build has finished. _BadCache says what failed, when anything does.
+    """
+    try:
+        manifest = json.loads((cache / "manifest.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise _BadCache("manifest.json is not readable JSON") from None
+    try:
+        _require(manifest["format"] == _CACHE_FORMAT, f"manifest.json is of format {manifest['format']}")
+        raw = (cache / "vocab.json").read_bytes()
+        _require(len(raw) == manifest["vocab_bytes"], f"vocab.json has {len(raw)} bytes, not {manifest['vocab_bytes']}")
+        _require(hashlib.sha1(raw).hexdigest() == manifest["vocab_sha1"], "vocab.json does not match its SHA-1")
+        vocab = CharVocab.from_dict(json.loads(raw))
+        _require(len(vocab) == manifest["vocab_size"], f"vocab.json has {len(vocab)} characters")
+        _require(
+            0 <= manifest["min_id"] <= manifest["max_id"] < len(vocab), "the manifest's id range is not the vocab's"
+        )
+        with (cache / "tokens.npy").open("rb") as f:
+            size, expected = os.fstat(f.fileno()).st_size, manifest["tokens_bytes"]
+            _require(size == expected, f"tokens.npy has {size} bytes, not {expected}")
+            _require(np.lib.format.read_magic(f) == (1, 0), "tokens.npy is not a version 1.0 .npy file")
+            header = np.lib.format.read_array_header_1_0(f)  # (shape, fortran_order, dtype)
+            n, dtype = manifest["tokens"], np.dtype(manifest["dtype"])
+            _require(header == ((n,), False, dtype), f"tokens.npy's header does not describe {n} {dtype} ids")
+            tokens = np.memmap(f, dtype, mode="r", offset=f.tell(), shape=(n,))  # maps the file checked above
+        _require(_sampled_sha1(tokens) == manifest["tokens_sample_sha1"], "tokens.npy does not match its sampled SHA-1")
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # a missing file, bad JSON, a wrong shape
+        raise _BadCache(f"{type(e).__name__}: {e}") from None
+    return tokens, vocab
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a directory too, so that the renames into it are durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build(path: Path, preprocess: str, unk: str | None, cache: Path) -> None:
+    """Tokenize into a temporary directory beside ``cache``, then move each file in by ``os.replace``."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp", dir=cache.parent) as tmp:
+        tokens_npy, vocab_json, manifest_json = (Path(tmp) / name for name in _FILES)
+        _tokenize(path, preprocess, unk, tokens_npy).save(vocab_json)
+        manifest_json.write_text(json.dumps(_manifest(tokens_npy, vocab_json), indent=1), encoding="utf-8")
+        cache.mkdir(exist_ok=True)
+        for name in _FILES:
+            _fsync(Path(tmp) / name)
+            os.replace(Path(tmp) / name, cache / name)
+        _fsync(cache)
+
+
 def load_tokens(
     path: str | Path, preprocess: str = "none", unk: str | None = "\ufffd", cache_dir: str | Path | None = None
 ) -> tuple[np.ndarray, CharVocab]:
     """Tokenize ``path`` once and memory-map the result on later calls.
 
     The cache directory is keyed by the file's content hash plus the options that change the tokens, and
-    holds ``tokens.npy`` (uint8/uint16) next to ``vocab.json``. Both are written in a temporary directory and
-    renamed, so concurrent ranks or an interrupted run never leave a half-written cache behind.
+    holds ``tokens.npy`` (uint8/uint16/uint32 ids), ``vocab.json`` and ``manifest.json`` (sizes, hashes, id
+    range). A cache that fails its check against the manifest is rebuilt, saying so in one line on stderr.
+
+    Concurrent builders (DDP ranks loading at once) need no lock: each file reaches its name by ``os.replace``
+    of a whole, fsynced file; every build of one key writes byte-identical files (the key covers the corpus,
+    the options and _CACHE_FORMAT, tokenizing is deterministic, and the manifest records no time or pid); and a
+    reader checks the very bytes it returns against the manifest it read. So a reader that pairs one build's
+    tokens.npy with another build's manifest pairs identical copies, and a damaged file fails its check with
+    any manifest. (Removing the manifest first would not stop such pairs: with two builders, one's manifest
+    can land between the other's removal and its next replace.) The manifest moves in last, so until one build
+    has finished there is none, and a reader builds the cache without calling it damaged.
     """
     if preprocess not in PREPROCESS:
         raise UserError(f"data.preprocess={preprocess!r} is not known; use one of {', '.join(PREPROCESS)}.")
     path = _existing(path)
     key = _cache_key(path, (_CACHE_FORMAT, preprocess, unk))
     cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{path.stem}-{key}"
-    tokens_file, vocab_file = cache / "tokens.npy", cache / "vocab.json"
-    if not (tokens_file.is_file() and vocab_file.is_file()):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp", dir=cache.parent) as tmp:
-            _tokenize(path, preprocess, unk, Path(tmp) / tokens_file.name).save(Path(tmp) / vocab_file.name)
-            cache.mkdir(exist_ok=True)
-            os.replace(Path(tmp) / tokens_file.name, tokens_file)
-            os.replace(Path(tmp) / vocab_file.name, vocab_file)
-    return np.load(tokens_file, mmap_mode="r"), CharVocab.load(vocab_file)
+    try:
+        loaded = _read_cache(cache)
+    except _BadCache as e:
+        reason = " ".join(str(e).split())  # one line, whatever the exception said
+        # One write() call, so that the lines of ranks loading at once do not interleave.
+        sys.stderr.write(f"charlm: token cache {cache} failed its check ({reason}); rebuilding it.\n")
+        sys.stderr.flush()
+        loaded = None
+    if loaded is None:
+        _build(path, preprocess, unk, cache)
+        loaded = _read_cache(cache)  # checks what was written; a _BadCache now means a failing disk
+    return loaded

@@ -66,14 +66,18 @@ class StreamBatches(IterableDataset):
         self.y = tokens[base + 1 : base + span + 1].reshape(batch_size, self.stream_len)  # [B, L]
         self.seq_len = seq_len
         self.drop_last = drop_last
+        self.start = 0  # batches to skip on the next pass (a resume inside an epoch); see CharDataModule.state_dict
+        self.position = 0  # batches handed out in the current pass
 
     def __len__(self) -> int:
         full, rest = divmod(self.stream_len, self.seq_len)
         return full + (rest > 0 and not self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
-        for k in range(len(self)):
+        start, self.start = self.start, 0
+        for k in range(start, len(self)):
             cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
+            self.position = k + 1
             yield _to_long(self.x[:, cols]), _to_long(self.y[:, cols]), k == 0
 
 
@@ -97,16 +101,21 @@ class RandomWindows(IterableDataset):
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.rank, self.seed, self.epoch = rank, seed, epoch
         self.num_batches = (len(tokens) - 1) // (batch_size * world_size * seq_len)
+        self.start, self.position = 0, 0  # as in StreamBatches
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
+        start, self.start = self.start, 0
         rng = np.random.default_rng([self.seed, self.epoch(), self.rank])
         offsets = np.arange(self.seq_len + 1)
-        for _ in range(self.num_batches):
+        for k in range(self.num_batches):
             starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+            if k < start:  # a resume inside the epoch: draw the skipped windows, so later ones are the same
+                continue
             window = np.asarray(self.tokens[starts[:, None] + offsets])  # [B, T+1]
+            self.position = k + 1
             yield _to_long(window[:, :-1]), _to_long(window[:, 1:]), True
 
 
@@ -145,6 +154,8 @@ class CharDataModule(pl.LightningDataModule):
         self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
         self._tokens: np.ndarray | None = None
         self._vocab: CharVocab | None = None
+        self._train: StreamBatches | RandomWindows | None = None
+        self._resume_position = 0
 
     def _load(self) -> tuple[np.ndarray, CharVocab]:
         if self._vocab is None:
@@ -167,10 +178,11 @@ class CharDataModule(pl.LightningDataModule):
             batch = self.batch_size if stage == "train" else self.eval_batch_size
             need = batch * world_size * self.seq_len + 1
             if len(part) < need:
+                name = "batch_size" if stage == "train" else "eval_batch_size"
                 raise UserError(
-                    f"the {stage} split has {len(part):,} characters but batch {batch} x seq_len {self.seq_len}"
-                    f" x {world_size} rank(s) needs at least {need:,}; lower data.batch_size / data.seq_len"
-                    " or use a larger corpus."
+                    f"the {stage} split has {len(part):,} characters but data.{name}={batch} x seq_len"
+                    f" {self.seq_len} x {world_size} rank(s) needs at least {need:,}; lower data.{name} /"
+                    " data.seq_len or use a larger corpus."
                 )
 
     def setup(self, stage: str | None = None) -> None:
@@ -182,8 +194,25 @@ class CharDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer else 0
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
-        # batch_size=None: the datasets yield whole batches already.
-        return DataLoader(dataset, batch_size=None)
+        # batch_size=None: the datasets yield whole batches already. A generator of its own: otherwise every
+        # iterator draws its base seed from torch's global RNG, which dropout uses, and a resumed run (which
+        # creates iterators at other moments) would see other dropout masks.
+        return DataLoader(dataset, batch_size=None, generator=torch.Generator())
+
+    def state_dict(self) -> dict:
+        """Where training stands inside the epoch: the batches handed out in the current pass (Lightning does not
+        prefetch from a loader of known length, so that is the number trained on), 0 once the epoch (after
+        ``limit_train_batches``) is complete. Lightning saves it in every checkpoint.
+
+        Not the stateful-DataLoader protocol: Lightning loads a loader's state only when it builds the loader
+        after restoring, but ``configure_optimizers`` (``estimated_stepping_batches``) builds it before."""
+        if self._train is None or self.trainer is None:
+            return {}
+        position = self._train.position
+        return {"train_position": position if position < self.trainer.num_training_batches else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_position = state.get("train_position", 0)
 
     def train_dataloader(self) -> DataLoader:
         part = self.parts["train"]
@@ -191,6 +220,8 @@ class CharDataModule(pl.LightningDataModule):
             ds = RandomWindows(part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch)
         else:
             ds = StreamBatches(part, self.batch_size, self.seq_len, self.rank, self.world_size)
+        ds.start, self._resume_position = self._resume_position, 0  # the pass after a resume skips what was done
+        self._train = ds
         return self._loader(ds)
 
     def _eval_loader(self, stage: str) -> DataLoader:

@@ -3,9 +3,8 @@ metrics, optimisers and LR schedules. Built from plain hyperparameters, so a che
 
 from __future__ import annotations
 
+import io
 import math
-import pickle
-import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,8 +14,10 @@ from pytorch_lightning.callbacks import Timer
 from torch import nn
 from torchmetrics import MeanMetric
 
-from charlm import UserError
+from charlm import UserError, __version__
+from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
 from charlm.model import RNNStack, State
+from charlm.optim import WarmupCosineLR, check_optim
 from charlm.vocab import CharVocab
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -69,8 +70,7 @@ class CharLM(pl.LightningModule):
             raise UserError(f"model.optimizer={optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}.")
         if scheduler not in SCHEDULERS:
             raise UserError(f"model.scheduler={scheduler!r} is not known; use one of {', '.join(SCHEDULERS)}.")
-        if lr <= 0:
-            raise UserError(f"model.lr={lr} must be positive; e.g. model.lr=0.002.")
+        check_optim(lr, min_lr, weight_decay, momentum, betas)
         if not 0 < decay_factor <= 1:
             raise UserError(f"model.decay_factor={decay_factor} must be in (0, 1]; e.g. model.decay_factor=0.5.")
         if warmup_steps < 0:
@@ -83,8 +83,12 @@ class CharLM(pl.LightningModule):
             impl, locked_dropout, recurrent_dropout, weight_drop, layer_norm,
         )  # fmt: skip
         # Token-weighted mean NLL per stage and epoch ("train" itself would clash with nn.Module.train).
-        self.nll = nn.ModuleDict({f"{stage}_nll": MeanMetric() for stage in STAGES})
+        # A NaN loss must make the epoch mean NaN; torchmetrics' default drops it silently. nan_strategy=nan
+        # "imputes" NaN with NaN; "disable" would also do, but torchmetrics 1.9 then ignores the weights.
+        self.nll = nn.ModuleDict({f"{stage}_nll": MeanMetric(nan_strategy=math.nan) for stage in STAGES})
         self._state: dict[str, State | None] = dict.fromkeys(STAGES)
+        self.last_train_loss = torch.zeros(())  # read by NonFiniteGuard before each optimiser step
+        self._resume: dict | None = None  # this rank's saved TBPTT state and RNG states, until training restarts
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
@@ -94,11 +98,17 @@ class CharLM(pl.LightningModule):
         logits, state = self(x, None if reset else self._state[stage])  # [B, T, V]
         self._state[stage] = state.detach()  # truncate backprop at the batch boundary, keep the values
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))  # mean NLL, nats
-        self.nll[f"{stage}_nll"].update(loss.detach(), weight=y.numel())
+        if stage != "train" or torch.isfinite(loss):  # a non-finite train step stops the run or is skipped
+            self.nll[f"{stage}_nll"].update(loss.detach(), weight=y.numel())
         return loss
+
+    def reset_train_state(self) -> None:
+        """Drop the carried TBPTT state, e.g. after a skipped non-finite step."""
+        self._state["train"] = None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
+        self.last_train_loss = loss.detach()
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
@@ -152,49 +162,70 @@ class CharLM(pl.LightningModule):
                 "model.scheduler=cosine needs a finite run;"
                 " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
             )
-
-        warmup_done_at: list[float] = []  # seconds on the clock when warm-up ended
-
-        def run_progress(step: int) -> float:
-            """How far the run is after warm-up, 0 -> 1: by steps, or by wall clock under trainer.max_time,
-            whichever is further."""
-            done = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps) if math.isfinite(total) else 0.0
-            if timer is not None:
-                elapsed = timer.time_elapsed("train")
-                if not warmup_done_at:
-                    warmup_done_at.append(elapsed)
-                budget = elapsed + timer.time_remaining("train") - warmup_done_at[0]
-                done = max(done, (elapsed - warmup_done_at[0]) / max(budget, 1e-9))
-            return min(1.0, done)
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.scheduler == "none":
-                return 1.0
-            floor = hp.min_lr / hp.lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * run_progress(step)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        clock = None if timer is None else lambda: (timer.time_elapsed("train"), timer.time_remaining("train"))
+        sched = WarmupCosineLR(opt, hp.warmup_steps, total, hp.min_lr / hp.lr, hp.scheduler == "cosine", clock)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- exact resume: what the next step depends on beyond Lightning's own checkpoint state ----
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record, for every rank, the carried TBPTT state, the RNG states and the partial epoch's train-loss sums.
+
+        Lightning writes rank 0's checkpoint only, so the ranks' parts are gathered here (every rank runs this
+        hook: saving is collective)."""
+        metric = self.nll["train_nll"]
+        mine = {
+            "tbptt_state": None if self._state["train"] is None else self._state["train"].detach().cpu(),
+            "rng": rng_states(),
+            "train_nll": {name: getattr(metric, name).detach().cpu() for name in metric._defaults},
+        }
+        checkpoint["charlm"] = {"format": FORMAT, "version": __version__, "ranks": gather_objects(mine)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        ranks = migrate(checkpoint, "the checkpoint")["charlm"]["ranks"]
+        self._resume = None
+        if self._trainer is None or not ranks:
+            return
+        world = self.trainer.world_size
+        if len(ranks) != world:
+            raise UserError(
+                f"the checkpoint was written by a run with {len(ranks)} process(es) but this run has {world}; resume"
+                f" with the same trainer.devices x trainer.num_nodes ({len(ranks)}), since each process owns its"
+                " own TBPTT streams."
+            )
+        self._resume = ranks[self.trainer.global_rank]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Right before the first step after a resume, restore this rank's RNG states, carried state and sums.
+
+        Not earlier: sanity-check validation and the dataloaders run in between, as they do not in an
+        uninterrupted run."""
+        if self._resume is None:
+            return
+        saved, self._resume = self._resume, None
+        set_rng_states(saved["rng"])
+        if self.trainer.fit_loop.epoch_loop.batch_progress.current.completed > 0:  # resumed inside an epoch
+            state = saved["tbptt_state"]
+            self._state["train"] = None if state is None else state.to(self.device)
+            metric = self.nll["train_nll"]
+            for name, value in saved["train_nll"].items():
+                setattr(metric, name, value.to(self.device))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **hparams) -> CharLM:
-    """Load a CharLM from ``path`` with ``weights_only=True``: tensors and plain data only, never pickled code.
+    """Load a CharLM from ``path``, checked as ``read_checkpoint`` does; refuse non-finite weights.
 
     ``hparams`` override the saved ones, e.g. ``impl="scratch"``: fused and scratch layers hold the same
     parameters under the same names, so the weights load either way with no conversion."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by train.py.")
-    try:
-        return CharLM.load_from_checkpoint(path, map_location=map_location, weights_only=True, **hparams)
-    except pickle.UnpicklingError:
+    checkpoint, data = read_checkpoint(path, map_location)
+    if not all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point()):
         raise UserError(
-            f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it was refused;"
-            " only load checkpoints written by train.py."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as e:
+            f"checkpoint {str(path)!r} holds non-finite weights (its run diverged); use an earlier checkpoint,"
+            " e.g. best.ckpt."
+        )
+    try:
+        return CharLM.load_from_checkpoint(io.BytesIO(data), map_location=map_location, weights_only=True, **hparams)
+    except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(
             f"checkpoint {str(path)!r} is corrupt or not a charlm checkpoint ({type(e).__name__});"
             " pass a .ckpt written by train.py."

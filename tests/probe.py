@@ -1,7 +1,14 @@
-"""A callback the DDP test injects from the command line (+callbacks.probe=...): it records each rank's batches."""
+"""Callbacks the tests inject from the command line (+callbacks.NAME._target_=tests.probe.X): they record batches,
+kill the run at a chosen step, or replace the wall clock with one that advances per step."""
+
+import os
+import signal
+import time
+import types
 
 import numpy as np
 import pytorch_lightning as pl
+import pytorch_lightning.callbacks.timer
 
 
 class RecordBatches(pl.Callback):
@@ -14,3 +21,51 @@ class RecordBatches(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         np.save(f"{self.out}/rank{trainer.global_rank}.npy", np.concatenate(self.batches, axis=1))  # [B, L]
+
+
+class KillAt(pl.Callback):
+    """Send ``signal`` (a name: SIGKILL, SIGTERM, SIGINT) to this process when training reaches ``step``."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL"):
+        self.step, self.signal = step, getattr(signal_module, signal)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+signal_module = signal
+
+
+class StepClock(pl.Callback):
+    """Lightning's Timer (trainer.max_time) reads ``seconds_per_step`` x optimizer steps instead of the wall clock,
+    so a time-budgeted run, its wall-clock cosine schedule and its resume are reproducible."""
+
+    def __init__(self, seconds_per_step: float = 1.0):
+        self.seconds_per_step = seconds_per_step
+
+    def setup(self, trainer, pl_module, stage):
+        clock = lambda: trainer.global_step * self.seconds_per_step  # noqa: E731
+        pytorch_lightning.callbacks.timer.time = types.SimpleNamespace(monotonic=clock)
+
+    def teardown(self, trainer, pl_module, stage):
+        pytorch_lightning.callbacks.timer.time = time
+
+
+class NanGradAt(pl.Callback):
+    """Make every gradient of optimizer step ``step`` NaN (the loss stays finite), as a blow-up would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+
+class RisingScore(pl.Callback):
+    """Log ``probe/score`` = the epoch: a monitor that never improves after epoch 0."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("probe/score", float(trainer.current_epoch))

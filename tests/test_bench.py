@@ -16,8 +16,7 @@ from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
 from charlm.model import CELLS
-from tests.conftest import ROOT, make_text, tiny_overrides
-from tests.test_train import assert_user_error, run_cli
+from tests.conftest import ROOT, assert_user_error, make_text, run_cli, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from tests.conftest import ROOT, compose_train, make_text, tiny_overrides
-from tests.test_train import run_cli
+from tests.conftest import ROOT, compose_train, make_text, run_cli, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
 

@@ -61,7 +61,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
     tokens, vocab = load_tokens(corpus, cache_dir=tmp_path / "cache")
     assert isinstance(tokens, np.memmap) and vocab.decode(tokens) == "abcabc"
     (cache_dir,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["tokens.npy", "vocab.json"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json", "tokens.npy", "vocab.json"]
     mtime = (cache_dir / "tokens.npy").stat().st_mtime_ns
     load_tokens(corpus, cache_dir=tmp_path / "cache")
     assert (cache_dir / "tokens.npy").stat().st_mtime_ns == mtime  # not re-tokenized

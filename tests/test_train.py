@@ -6,8 +6,6 @@ import functools
 import hashlib
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 import generate
 from charlm import UserError
 from charlm.module import CharLM, load_checkpoint
-from tests.conftest import ROOT, compose_generate, compose_train, make_text, tiny_overrides
+from tests.conftest import assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
 from train import train
 
 
@@ -146,20 +144,6 @@ def test_resume_refuses_a_checkpoint_with_another_vocab(trained, tmp_path):
 
 
 # ---- every user mistake: one line on stderr naming the fix, exit code 2, no traceback, no checkpoint lost ----
-
-
-def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
-    )
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert match in lines[0], lines[0]
 
 
 def bad_corpus(tmp: Path, kind: str) -> Path:

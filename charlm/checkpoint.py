@@ -1,0 +1,177 @@
+"""Checkpoint files: atomic writes on any filesystem, a format version with migrations, and run directories that
+never overwrite another run's checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
+
+from charlm import UserError, __version__
+
+# Version of what charlm itself stores in a checkpoint (``checkpoint["charlm"]``); Lightning versions its own part.
+#   1: charlm 0.1.0: weights, hparams (with the vocab), optimiser, loops; no "charlm" entry.
+#   2: charlm 0.2.0: + "charlm": {format, version, world_size, ranks: per-rank TBPTT state, RNG states, metric sums}.
+FORMAT = 2
+
+
+def checkpoint_format(checkpoint: dict) -> int:
+    return int(checkpoint.get("charlm", {}).get("format", 1))
+
+
+def migrate(checkpoint: dict, path: str | Path) -> dict:
+    """Bring ``checkpoint`` to ``FORMAT`` in place; refuse one written by a newer charlm.
+
+    1 -> 2 adds an empty "charlm" entry: weights and hparams are unchanged, and a resume from it starts with
+    fresh TBPTT state and RNG streams, as charlm 0.1.0 did."""
+    found = checkpoint_format(checkpoint)
+    if found > FORMAT:
+        written_by = checkpoint["charlm"].get("version", "?")
+        raise UserError(
+            f"checkpoint {str(path)!r} was written by charlm {written_by} (checkpoint format {found}), but this is"
+            f" charlm {__version__} (format {FORMAT}); upgrade charlm to load it."
+        )
+    if found == 1:
+        checkpoint["charlm"] = {"format": FORMAT, "version": "0.1.0", "migrated_from": 1, "ranks": None}
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every save lands whole or not at all, on any filesystem.
+
+    Lightning's own save (``_atomic_save``) goes through an fsspec transaction whose temporary file lives in
+    ``$TMPDIR``: when the run directory is on another filesystem (tmpfs, a network disk) the final move
+    truncates the target and copies into it, so a kill during that copy destroys the previous good checkpoint.
+    Here the temporary file sits in the target's own directory, is fsynced, and replaces the target with one
+    ``os.replace``; a failed write (a full disk) removes the temporary file and leaves the previous one intact.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint gets the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left to write {str(path)!r} ({e.strerror}); the previous file is intact: free disk space"
+                " and resume from it."
+            ) from None
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch.save's C++ writer says it so
+            raise UserError(
+                f"no space left to write {str(path)!r}; the previous file is intact: free disk space and resume"
+                " from it."
+            ) from None
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def rng_states() -> dict:
+    """torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain data (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": list(random.getstate()),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (Lightning's ``all_gather`` takes tensors only)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, bytes]:
+    """The checkpoint at ``path`` as plain data (``weights_only``: tensors and plain data, never pickled code),
+    migrated to the current format, plus its bytes; every way it can be wrong is a one-line UserError."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} is a directory; pass a .ckpt file, e.g. {path}/best.ckpt.")
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by train.py.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; text or garbage is not one
+        raise UserError(
+            f"{str(path)!r} is not a checkpoint (not a torch.save archive); pass a .ckpt written by train.py."
+        )
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it was refused;"
+            " only load checkpoints written by train.py."
+        ) from None
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}); pass a .ckpt written by train.py."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"{str(path)!r} is not a charlm checkpoint; pass a .ckpt written by train.py.")
+    return migrate(checkpoint, path), data
+
+
+def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds another run's checkpoints.
+
+    Resuming from a checkpoint inside that directory is allowed (the run continues there), and so is
+    ``overwrite_run_dir=true``."""
+    ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not existing or overwrite:
+        return
+    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent == ckpt_dir.resolve():
+        return
+    raise UserError(
+        f"the run directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); pick a new"
+        f" hydra.run.dir, resume with ckpt_path={ckpt_dir}/last.ckpt, or pass overwrite_run_dir=true to replace them."
+    )

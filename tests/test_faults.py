@@ -1,0 +1,345 @@
+"""Long runs lose nothing: last.ckpt is the latest state, every write is atomic, runs never share a directory,
+divergence stops the run at the last finite state, checkpoints carry a format version, and every bad input gets
+one line naming the fix."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import generate
+from charlm import Diverged, UserError, __version__
+from charlm.callbacks import LastCheckpoint, NonFiniteGuard
+from charlm.checkpoint import FORMAT, AtomicCheckpointIO
+from charlm.module import CharLM, load_checkpoint
+from charlm.sampling import sample_text
+from tests.conftest import ROOT, assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
+from train import build, train
+
+GOLDEN = ROOT / "tests/golden/v0.1.0.ckpt"
+# What tests/golden/v0.1.0.ckpt (written by charlm 0.1.0, commit 18d7760) samples after "abc " at temperature 0.
+GOLDEN_SAMPLE = "abc ddae ddae ddae ddae ddae ddae ddae ddae ddae ddae ddae ddae "
+
+
+def sha(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny finished run: (its directory, its corpus)."""
+    tmp = tmp_path_factory.mktemp("faults")
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp / "run"
+    train(compose_train(tiny_overrides(corpus, out, "trainer.max_epochs=1", "logger=none", "callbacks=no_logger")))
+    return out, corpus
+
+
+def all_finite(path: Path) -> bool:
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    return all(torch.isfinite(t).all() for t in sd.values())
+
+
+def assert_error_line(proc: subprocess.CompletedProcess, code: int, match: str) -> str:
+    """A failure during training: exit ``code``, no traceback, and its last stderr line the one error sentence
+    (Lightning's own log lines may come before it)."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0] and match in errors[0], errors[0]
+    return errors[0]
+
+
+# ---- 1. last.ckpt is the latest state ----
+
+
+def test_last_ckpt_is_the_final_state_when_val_loss_stopped_improving(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "out"
+    probe = ["+callbacks.rising._target_=tests.probe.RisingScore", "callbacks.model_checkpoint.monitor=probe/score"]
+    overrides = tiny_overrides(corpus, out, "trainer.max_epochs=3", "logger=none", "callbacks=no_logger", "test=false")
+    train(compose_train([*overrides, *probe]))
+    best = torch.load(out / "checkpoints/best.ckpt", weights_only=True)
+    last = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"]
+
+
+def test_last_ckpt_is_refreshed_inside_an_epoch_by_steps_and_by_the_clock(tmp_path):
+    saves = []
+    now = [0.0]
+    trainer = SimpleNamespace(
+        global_step=0,
+        strategy=SimpleNamespace(broadcast=lambda x: x),
+        save_checkpoint=lambda path, weights_only: saves.append(trainer.global_step),
+    )
+    cb = LastCheckpoint(str(tmp_path), every_n_train_steps=4, every_n_minutes=1, clock=lambda: now[0])
+    cb.on_train_start(trainer, None)
+    for step in range(1, 11):
+        trainer.global_step = step
+        now[0] += 25 if step < 6 else 1  # 25 s per step at first, then 1 s
+        cb.on_train_batch_end(trainer)
+    assert saves == [3, 4, 8]  # 75 s >= 1 minute at step 3; every 4 steps
+    cb.on_train_end(trainer, None)  # a run stopped inside an epoch (max_steps / max_time) saves its final state
+    assert saves[-1] == 10
+
+
+def test_a_run_stopped_by_max_steps_inside_an_epoch_leaves_its_final_step_in_last_ckpt(run_dir, tmp_path):
+    _, corpus = run_dir
+    out = tmp_path / "steps"
+    train(compose_train(tiny_overrides(corpus, out, "trainer.max_steps=23", "logger=none", "test=false")))
+    assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 23
+
+
+# ---- 2. atomic writes ----
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="no space left to write .*previous file is intact"):
+        io.save_checkpoint({"w": torch.zeros(3)}, target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+
+
+def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(run_dir, tmp_path):
+    """A real full disk: the run directory on a 600 KB tmpfs, where a third 240 KB checkpoint cannot be written."""
+    _, corpus = run_dir
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "600k")
+    try:
+        out = disk / "run"
+        args = tiny_overrides(corpus, out, "trainer.max_epochs=3", "logger=none", "callbacks=no_logger")
+        proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
+        assert_error_line(proc, 2, "no space left to write")
+        ckpts = sorted((out / "checkpoints").iterdir())
+        assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]  # no partial file under any name
+        for p in ckpts:
+            assert load_checkpoint(p).vocab is not None
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+KEEP_SAVING = """
+import sys, torch
+from charlm.checkpoint import AtomicCheckpointIO
+big = {"w": torch.randn(64 * 1024 * 1024 // 4)}  # 64 MB: its copy takes long enough to be killed in the middle
+while True:
+    AtomicCheckpointIO().save_checkpoint(big, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_sigkill_during_saves_across_filesystems_never_leaves_a_damaged_checkpoint(tmp_path):
+    """The run directory on a tmpfs, $TMPDIR on the disk: a save that moved a temporary file across them was a
+    truncate-and-copy that a kill left half-written."""
+    shm = Path("/dev/shm") / f"charlm-test-{os.getpid()}"
+    shm.mkdir()
+    try:
+        target = shm / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(4)}, target)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+        for delay in (0.5, 1.5, 2.5, 3.5):
+            child = subprocess.Popen([sys.executable, "-c", KEEP_SAVING, str(target)], env=env)
+            time.sleep(delay)
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            w = torch.load(target, weights_only=True)["w"]  # whole: the old file or a complete new one
+            assert w.numel() in (4, 64 * 1024 * 1024 // 4)
+    finally:
+        for p in shm.iterdir():
+            p.unlink()
+        shm.rmdir()
+
+
+def test_the_trainer_saves_through_the_atomic_checkpoint_io(run_dir, tmp_path):
+    _, corpus = run_dir
+    _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "o")))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---- 3, 4. run directories ----
+
+
+def test_two_runs_started_at_the_same_moment_get_their_own_directories(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--cfg", "hydra", "--resolve"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
+    dirs = [next(line for line in p.communicate()[0].splitlines() if line.strip().startswith("dir:")) for p in procs]
+    assert dirs[0] != dirs[1]
+
+
+def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_told_to(run_dir, tmp_path):
+    out, corpus = run_dir
+    before = {p.name: sha(p) for p in (out / "checkpoints").iterdir()}
+    args = tiny_overrides(corpus, out, "logger=none", "callbacks=no_logger", f"hydra.run.dir={out}")
+    assert_user_error(run_cli("train.py", *args), "already holds checkpoints (best.ckpt, last.ckpt)")
+    assert {p.name: sha(p) for p in (out / "checkpoints").iterdir()} == before
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    for name, data in before.items():
+        (copy / "checkpoints" / name).write_bytes(data)
+    resume = [f"ckpt_path={copy}/checkpoints/last.ckpt", "trainer.max_epochs=2", "test=false"]
+    train(compose_train(tiny_overrides(corpus, copy, "logger=none", *resume)))  # resuming in place is allowed
+    assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+    train(compose_train(tiny_overrides(corpus, copy, "logger=none", "overwrite_run_dir=true", "test=false")))
+
+
+# ---- 8. divergence ----
+
+
+def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(run_dir, tmp_path):
+    _, corpus = run_dir
+    out = tmp_path / "nan"
+    args = tiny_overrides(
+        corpus,
+        out,
+        "trainer.max_epochs=2",
+        "logger=none",
+        "callbacks.last_checkpoint.every_n_train_steps=10",
+        "+callbacks.nan._target_=tests.probe.NanGradAt",
+        "+callbacks.nan.step=95",
+        f"hydra.run.dir={out}",
+    )
+    line = assert_error_line(run_cli("train.py", *args), 3, "training diverged at step 95")
+    assert "gradient norm nan" in line and "on_nonfinite=skip" in line
+    assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 90
+    assert all_finite(out / "checkpoints/last.ckpt") and all_finite(out / "checkpoints/best.ckpt")
+
+
+def test_on_nonfinite_skip_drops_the_bad_step_and_counts_it(run_dir, tmp_path):
+    _, corpus = run_dir
+    probe = ["+callbacks.nan._target_=tests.probe.NanGradAt", "+callbacks.nan.step=5", "on_nonfinite=skip"]
+    cfg = compose_train(tiny_overrides(corpus, tmp_path / "skip", "logger=none", "test=false", *probe))
+    dm, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=dm)
+    (guard,) = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    assert guard.skipped == 1 and math.isfinite(trainer.callback_metrics["val/loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def tiny_vocab() -> dict:
+    return {"chars": "abc", "unk": None}
+
+
+def test_epoch_metrics_do_not_hide_a_nan():
+    model = CharLM(tiny_vocab())
+    model.nll["val_nll"].update(torch.tensor(1.0), weight=10)
+    model.nll["val_nll"].update(torch.tensor(float("nan")), weight=10)
+    assert math.isnan(model.nll["val_nll"].compute())
+
+
+@pytest.mark.parametrize(
+    ("hparams", "match"),
+    [({"lr": float("nan")}, "model.lr"), ({"lr": float("inf")}, "model.lr"), ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr")],
+)
+def test_non_finite_or_inconsistent_learning_rates_are_refused(hparams, match):
+    with pytest.raises(UserError, match=match):
+        CharLM(tiny_vocab(), **hparams)
+
+
+def test_generate_refuses_a_checkpoint_with_non_finite_weights(run_dir, tmp_path):
+    out, _ = run_dir
+    ckpt = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    ckpt["state_dict"]["net.decoder.bias"].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    assert_user_error(run_cli("generate.py", f"ckpt={tmp_path}/nan.ckpt"), "non-finite weights")
+
+
+def test_diverged_is_reported_with_exit_code_3():
+    assert Diverged("x").exit_code == 3 and UserError("x").exit_code == 2
+
+
+# ---- versioned checkpoints ----
+
+
+def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_path):
+    model = load_checkpoint(GOLDEN).eval()
+    assert sample_text(model.net, model.vocab, "abc ", 60, temperature=0)[0] == GOLDEN_SAMPLE
+    (text,) = generate.run(compose_generate([f"ckpt={GOLDEN}", "prompt='abc '", "length=60", "temperature=0"]))
+    assert text == GOLDEN_SAMPLE
+    _, corpus = run_dir  # the same tiny text the golden checkpoint was trained on
+    arch = ["model.hidden_size=16", "model.num_layers=1", "trainer.max_epochs=2", "logger=none", "test=false"]
+    metrics = train(compose_train(tiny_overrides(corpus, tmp_path / "r", *arch, f"ckpt_path={GOLDEN}")))
+    assert metrics["val/loss"] < math.log(16)
+    resumed = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["charlm"]["format"] == FORMAT and resumed["charlm"]["version"] == __version__
+
+
+def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run_dir, tmp_path):
+    out, _ = run_dir
+    ckpt = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    ckpt["charlm"] |= {"format": FORMAT + 1, "version": "9.0.0"}
+    torch.save(ckpt, tmp_path / "future.ckpt")
+    proc = run_cli("generate.py", f"ckpt={tmp_path}/future.ckpt")
+    assert_user_error(proc, f"charlm 9.0.0 (checkpoint format {FORMAT + 1}), but this is charlm {__version__}")
+
+
+# ---- 10, 11. one line naming the fix ----
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["data.path={tmp}"], "is a directory; pass the path of a UTF-8 text file"),
+        (["ckpt_path={tmp}"], "is a directory; pass a .ckpt file"),
+        (["ckpt_path={tmp}/text.ckpt"], "is not a checkpoint"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number"),
+        (["trainer.max_time=5min"], "trainer.max_time"),
+        (["model.hidden_size=64", "ckpt_path={run}/checkpoints/last.ckpt"], "has model.hidden_size=32"),
+        (["data.eval_batch_size=500"], "data.eval_batch_size=500"),
+        (["model.lr=nan"], "model.lr=nan must be a positive finite number"),
+        (["model.min_lr=1"], "model.min_lr=1"),
+        (["on_nonfinite=ignore"], "on_nonfinite"),
+    ],
+)
+def test_train_says_what_to_fix_and_writes_nothing(run_dir, tmp_path, args, match):
+    """In-process, so that ten cases cost no interpreter start-ups; test_train runs the CLI path (one line, exit 2)."""
+    out, corpus = run_dir
+    (tmp_path / "text.ckpt").write_text("the quick brown fox\n", encoding="utf-8")  # text starting with t, u or a
+    fresh = tmp_path / "fresh"
+    cfg = compose_train(tiny_overrides(corpus, fresh, *[a.format(tmp=tmp_path, run=out) for a in args]))
+    with pytest.raises(Exception) as raised:
+        train(cfg)
+    cause = raised.value  # Hydra's instantiate wraps what a constructor raises; train.py unwraps it the same way
+    while not isinstance(cause, UserError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, UserError) and match in str(cause), repr(raised.value)
+    assert not fresh.exists()
+
+
+def test_generate_says_what_to_fix(run_dir, tmp_path):
+    out, _ = run_dir
+    ckpt = out / "checkpoints/best.ckpt"
+    cases = [([f"ckpt={ckpt}", "device=foo"], "device=foo is not a device"), ([f"ckpt={tmp_path}"], "is a directory")]
+    for text in ("the end", "uh", "a"):
+        (tmp_path / f"{text}.ckpt").write_text(text, encoding="utf-8")
+        cases.append(([f"ckpt='{tmp_path}/{text}.ckpt'"], "is not a checkpoint"))
+    for args, match in cases:
+        with pytest.raises(UserError, match=match):
+            generate.run(compose_generate(args))
