@@ -184,7 +184,10 @@ class CharLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         ranks = migrate(checkpoint, "the checkpoint")["charlm"]["ranks"]
         self._resume = None
-        if self._trainer is None or not ranks:
+        if self._trainer is None:
+            return
+        rescale_lr(checkpoint, self.hparams.lr / checkpoint["hyper_parameters"].get("lr", self.hparams.lr))
+        if not ranks:
             return
         world = self.trainer.world_size
         if len(ranks) != world:
@@ -210,6 +213,22 @@ class CharLM(pl.LightningModule):
             metric = self.nll["train_nll"]
             for name, value in saved["train_nll"].items():
                 setattr(metric, name, value.to(self.device))
+
+
+def rescale_lr(checkpoint: dict, ratio: float) -> None:
+    """A resume with another ``model.lr``: scale the saved optimiser and schedule learning rates by ``ratio``, so
+    the schedule goes on from where it was, at the new base rate (Lightning would restore the old rates)."""
+    if ratio == 1:
+        return
+    for opt in checkpoint.get("optimizer_states", []):
+        for group in opt["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] *= ratio
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr", "min_lrs"):
+            if isinstance(sched.get(key), list):
+                sched[key] = [v * ratio for v in sched[key]]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **hparams) -> CharLM:

@@ -343,3 +343,15 @@ def test_generate_says_what_to_fix(run_dir, tmp_path):
     for args, match in cases:
         with pytest.raises(UserError, match=match):
             generate.run(compose_generate(args))
+
+
+def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rate(run_dir, tmp_path):
+    """The divergence message says to lower model.lr and resume: that lower rate must take effect."""
+    out, corpus = run_dir
+    saved = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    resume = [f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=2", "logger=none", "test=false"]
+    train(compose_train(tiny_overrides(corpus, tmp_path / "r", "model.lr=0.005", *resume)))
+    after = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
+    assert saved["lr_schedulers"][0]["base_lrs"] == [0.01] and after["lr_schedulers"][0]["base_lrs"] == [0.005]
+    assert after["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.005
+    assert after["optimizer_states"][0]["param_groups"][0]["lr"] <= 0.005
