@@ -63,7 +63,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    Temporary files of earlier writes to ``path`` that a SIGKILL left behind are removed first (one process
+    writes a given checkpoint: rank 0)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint gets the usual permissions
