@@ -246,6 +246,18 @@ def load_tokens(
         sys.stderr.flush()
         loaded = None
     if loaded is None:
-        _build(path, preprocess, unk, cache)
-        loaded = _read_cache(cache)  # checks what was written; a _BadCache now means a failing disk
+        try:
+            _build(path, preprocess, unk, cache)
+        except OSError as e:  # a full disk or a read-only cache directory; a half-built cache is never renamed in
+            raise UserError(
+                f"cannot write the token cache in {str(cache.parent)!r} ({e.strerror or e}); free disk space there,"
+                " or point CHARLM_CACHE (or paths.cache_dir) at a writable directory."
+            ) from None
+        try:
+            loaded = _read_cache(cache)  # checks what was written
+        except _BadCache as e:
+            raise UserError(
+                f"the token cache {str(cache)!r} failed its check right after it was written ({e}); the disk may be"
+                " failing: point CHARLM_CACHE (or paths.cache_dir) at another disk."
+            ) from None
     return loaded

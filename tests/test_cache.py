@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,20 @@ def test_an_unreadable_corpus_says_to_make_it_readable(tmp_path, monkeypatch):
     for load in (read_corpus, lambda p: load_tokens(p, cache_dir=tmp_path / "cache")):
         with pytest.raises(UserError, match=r"is not readable .*; chmod u\+r it"):
             load(corpus)
+
+
+def test_a_full_disk_while_building_the_cache_is_one_line_and_leaves_no_partial_cache(tmp_path):
+    """The cache directory on a real 64 KB tmpfs; the corpus's tokens need 240 KB."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    try:
+        corpus = tmp_path / "c.txt"
+        corpus.write_text(make_text() * 40, encoding="utf-8")  # 240 K characters
+        with pytest.raises(UserError, match="cannot write the token cache in .*point CHARLM_CACHE"):
+            load_tokens(corpus, cache_dir=disk)
+        assert list(disk.iterdir()) == []  # neither a cache entry nor a temporary directory is left
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
