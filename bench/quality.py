@@ -55,6 +55,7 @@ def train(name: str, max_time: int, overrides: list[str], run_dir: Path) -> floa
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "train.py")] + ([f"experiment={name}"] if name != DEFAULT else [])
     cmd += [f"trainer.max_time={lightning_time(max_time)}", f"hydra.run.dir={run_dir}", "sample_length=0"]
+    cmd += ["overwrite_run_dir=true"]  # a re-run of the benchmark replaces its own earlier runs
     cmd += ["trainer.enable_progress_bar=false", *overrides]
     log = run_dir / "output.log"
     print(f"{name}: {' '.join(cmd[1:])}", flush=True)

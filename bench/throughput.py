@@ -69,6 +69,7 @@ def compose_run(args: argparse.Namespace, out: Path):
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
         f"paths.output_dir={out}",
+        "overwrite_run_dir=true",  # every pair trains into the same scratch directory
         "sample_length=0",
         *args.override,
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint, OnExceptionCheckpoint
+from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -154,16 +154,18 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = state_dict["skipped"]
 
 
-class PreemptionCheckpoint(OnExceptionCheckpoint):
+class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM or the first Ctrl+C, finish the current step, write a resumable ``last.ckpt``, and stop.
 
     Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary; SIGINT is routed to the same
-    path here (a second Ctrl+C interrupts at once). Unlike ``OnExceptionCheckpoint`` this saves only for that
-    signal (not for errors, whose state may be half-updated) and keeps the file at teardown.
+    path here (a second Ctrl+C interrupts at once). Not Lightning's ``OnExceptionCheckpoint``: that one saves
+    for every error (whose state may be half-updated), deletes its file at teardown, and makes every later
+    ``fit(ckpt_path=None)`` resume silently from its file, so a run with ``overwrite_run_dir=true`` would not
+    start afresh.
     """
 
     def __init__(self, dirpath: str, filename: str = "last"):
-        super().__init__(dirpath, filename)
+        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
         self._previous_sigint = None
         self.signal = "SIGTERM"  # what stopped the run, for its exit code
 

@@ -212,7 +212,10 @@ def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_t
     resume = [f"ckpt_path={copy}/checkpoints/last.ckpt", "trainer.max_epochs=2", "test=false"]
     train(compose_train(tiny_overrides(corpus, copy, "logger=none", *resume)))  # resuming in place is allowed
     assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
-    train(compose_train(tiny_overrides(corpus, copy, "logger=none", "overwrite_run_dir=true", "test=false")))
+    # told to: a new run from scratch (not a silent resume from the last.ckpt it finds there)
+    fresh = ["logger=none", "overwrite_run_dir=true", "test=false", "trainer.max_epochs=1"]
+    train(compose_train(tiny_overrides(corpus, copy, *fresh)))
+    assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
 
 
 # ---- 8. divergence ----
