@@ -31,10 +31,16 @@ def reported_user_errors():
     try:
         yield
     except Exception as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
+        cause = user_error_in(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(cause.exit_code) from None
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError behind ``error``, also one wrapped by Hydra's instantiate (``raise ... from``), or None."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__
+    return cause

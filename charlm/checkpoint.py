@@ -79,12 +79,9 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                f"no space left to write {str(path)!r} ({e.strerror}); the previous file is intact: free disk space"
-                " and resume from it."
-            ) from None
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch.save's C++ writer says it so
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        full |= isinstance(e, RuntimeError) and "No space left" in str(e)  # torch.save's C++ writer says it so
+        if full:
             raise UserError(
                 f"no space left to write {str(path)!r}; the previous file is intact: free disk space and resume"
                 " from it."

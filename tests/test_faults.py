@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import generate
-from charlm import Diverged, UserError, __version__
+from charlm import Diverged, UserError, __version__, user_error_in
 from charlm.callbacks import LastCheckpoint, NonFiniteGuard
 from charlm.checkpoint import FORMAT, AtomicCheckpointIO
 from charlm.module import CharLM, load_checkpoint
@@ -334,10 +334,8 @@ def test_train_says_what_to_fix_and_writes_nothing(run_dir, tmp_path, args, matc
     cfg = compose_train(tiny_overrides(corpus, fresh, *[a.format(tmp=tmp_path, run=out) for a in args]))
     with pytest.raises(Exception) as raised:
         train(cfg)
-    cause = raised.value  # Hydra's instantiate wraps what a constructor raises; train.py unwraps it the same way
-    while not isinstance(cause, UserError) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert isinstance(cause, UserError) and match in str(cause), repr(raised.value)
+    cause = user_error_in(raised.value)  # Hydra's instantiate wraps what a constructor raises
+    assert cause is not None and match in str(cause), repr(raised.value)
     assert not fresh.exists()
 
 
