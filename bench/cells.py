@@ -1,7 +1,7 @@
 """Training speed of the fused torch kernels vs the cell equations of charlm/cells.py (``model.impl``).
 
-    .venv/bin/python bench/cells.py                       # lstm, gru, rnn_tanh at hidden 128, 256, 512
-    .venv/bin/python bench/cells.py --cells lstm --hidden 256 --repeats 5
+    .venv/bin/python -m bench.cells                       # lstm, gru, rnn_tanh at hidden 128, 256, 512
+    .venv/bin/python -m bench.cells --cells lstm --hidden 256 --repeats 5
 
 One training step = forward, cross-entropy, backward and an SGD update of a whole ``RNNStack`` (embedding,
 ``--layers`` layers, decoder) on a ``--batch`` x ``--seq-len`` batch of random characters. The two
@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 import torch.nn.functional as F
 
 from bench.report import describe, machine_info, table, write_json
-from charlm.model import RNNStack
+from charlm.model import RNNConfig, RNNStack
 
 TARGET_RATIO_AT_256 = 0.5
 
@@ -45,7 +40,12 @@ def train_steps(net: RNNStack, x: torch.Tensor, y: torch.Tensor, steps: int) -> 
 
 def measure(cell: str, hidden: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    nets = {impl: RNNStack(args.vocab, cell, args.layers, hidden, impl=impl) for impl in ("fused", "scratch")}
+    nets = {
+        impl: RNNStack(
+            args.vocab, RNNConfig(cell=cell, num_layers=args.layers, hidden_size=hidden, dropout=0.0, impl=impl)
+        )
+        for impl in ("fused", "scratch")
+    }
     nets["scratch"].load_state_dict(nets["fused"].state_dict())
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     y = torch.randint(0, args.vocab, (args.batch, args.seq_len))

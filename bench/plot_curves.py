@@ -1,6 +1,6 @@
 """Plot validation bits per character against wall-clock time, one line per run, from TensorBoard events.
 
-    .venv/bin/python bench/plot_curves.py --run lstm=outputs/2026-11-24/11-12-08 --run gru=outputs/<run> \\
+    .venv/bin/python -m bench.plot_curves --run lstm=outputs/2026-11-24/11-12-08 --run gru=outputs/<run> \\
         --out docs/val_bpc_vs_time.png
 
 A run is ``LABEL=DIR`` (or just ``DIR``, labelled by its name), where DIR is a run directory of train.py or
@@ -11,14 +11,11 @@ Needs matplotlib: ``pip install -e ".[bench]"``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
+from bench import ROOT
 from bench.events import RunEvents
-from charlm import ROOT, UserError, reported_user_errors
+from charlm import UserError, reported_user_errors
 
 TAG = "val/bpc"
 

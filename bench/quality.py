@@ -1,7 +1,7 @@
 """Benchmark model quality at a fixed wall clock: train each experiment for ``--max-time`` seconds, report val loss.
 
-    .venv/bin/python bench/quality.py --experiment default,shakespeare --max-time 300
-    .venv/bin/python bench/quality.py --experiment zaremba_small --max-time 120 --override trainer=cpu
+    .venv/bin/python -m bench.quality --experiment default,shakespeare --max-time 300
+    .venv/bin/python -m bench.quality --experiment zaremba_small --max-time 120 --override trainer=cpu
 
 Each experiment runs as ``train.py experiment=NAME trainer.max_time=DD:HH:MM:SS sample_length=0`` (plus every
 ``--override``) in its own directory under ``--out-dir``; ``default`` is train.py's defaults (The Time Machine).
@@ -20,12 +20,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
+from bench import ROOT
 from bench.events import RunEvents
 from bench.report import describe, machine_info, table, write_json
-from charlm import ROOT, UserError, reported_user_errors
+from charlm import UserError, reported_user_errors
+from charlm.config import CONF_DIR
 
 DEFAULT = "default"  # no experiment= override: train.yaml's own defaults
 
@@ -41,7 +40,7 @@ def lightning_time(seconds: int) -> str:
 def experiments(specs: list[str]) -> list[str]:
     """Flatten repeated and comma-separated ``--experiment`` values, refusing names with no config file."""
     names = [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
-    known = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
+    known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
     for name in names:
         if name != DEFAULT and name not in known:
             raise UserError(f"experiment {name!r} has no conf/experiment/{name}.yaml; use {DEFAULT} or one of {known}.")

@@ -1,11 +1,11 @@
 """Sampling speed: charlm's generate (cell-equation steps) vs stepping the fused kernel vs re-feeding the context.
 
-    .venv/bin/python bench/sampling.py                     # 2x512 LSTM, 1 and 64 streams, 100 / 1k / 10k chars
-    .venv/bin/python bench/sampling.py --hidden 256 --lengths 100 1000
+    .venv/bin/python -m bench.sampling                     # 2x512 LSTM, 1 and 64 streams, 100 / 1k / 10k chars
+    .venv/bin/python -m bench.sampling --hidden 256 --lengths 100 1000
 
-Three samplers, all at temperature 0.8 on the same randomly initialised net (speed does not depend on the
-weights' values):
-- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``RNNStack.stepper()``, which runs
+Three samplers, all at ``SamplingConfig``'s default temperature on the same randomly initialised net (speed
+does not depend on the weights' values):
+- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``charlm.sampling.Stepper``, which runs
   the cell equations with layer 0's input projection precomputed per token.
 - ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
   sequence (what generate did before the stepper).
@@ -18,23 +18,19 @@ estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
+from bench import ROOT
 from bench.report import describe, machine_info, table, write_json
-from charlm import ROOT
-from charlm.model import RNNStack
-from charlm.sampling import generate, next_token
+from charlm.model import RNNConfig, RNNStack
+from charlm.sampling import SamplingConfig, generate, next_token
 from charlm.vocab import CharVocab
 
 TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores
+SAMPLING = SamplingConfig()  # temperature 0.8
 VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encoding="utf-8"))  # 65 characters
 
 
@@ -42,14 +38,14 @@ VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encodi
 
 
 def run_charlm(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    return generate(net, VOCAB, "The ", length, 0.8, num_samples=streams, generator=generator)
+    return generate(net, VOCAB, "The ", length, SAMPLING, num_samples=streams, generator=generator)
 
 
 @torch.inference_mode()
 def run_fused_step(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     logits, state = net(torch.tensor(VOCAB.encode("The ")).long().expand(streams, -1))
     for _ in range(length):
-        ids = next_token(logits[:, -1], 0.8, generator=generator)
+        ids = next_token(logits[:, -1], SAMPLING.temperature, generator=generator)
         yield ids
         logits, state = net(ids[:, None], state)
 
@@ -59,7 +55,7 @@ def run_naive(net: RNNStack, streams: int, length: int, generator: torch.Generat
     context = torch.tensor(VOCAB.encode("The ")).long().expand(streams, -1)
     for _ in range(length):
         logits, _ = net(context)  # from a zero state, every time
-        ids = next_token(logits[:, -1], 0.8, generator=generator)
+        ids = next_token(logits[:, -1], SAMPLING.temperature, generator=generator)
         yield ids
         context = torch.cat([context, ids[:, None]], dim=1)
 
@@ -100,9 +96,9 @@ def main() -> None:
 
     info = machine_info()
     print(describe(info))
-    print(f"{args.layers}x{args.hidden} {args.cell}, vocab {len(VOCAB)}, temperature 0.8, prompt 'The '")
+    print(f"{args.layers}x{args.hidden} {args.cell}, vocab {len(VOCAB)}, {SAMPLING}, prompt 'The '")
     torch.manual_seed(0)
-    net = RNNStack(len(VOCAB), args.cell, args.layers, args.hidden).eval()
+    net = RNNStack(len(VOCAB), RNNConfig(cell=args.cell, num_layers=args.layers, hidden_size=args.hidden)).eval()
     run_charlm(net, 1, 50, torch.Generator().manual_seed(0))  # warm-up
     rows = []
     for name, fn in SAMPLERS.items():

@@ -1,7 +1,7 @@
 """Framework overhead and roofline: charlm (CharLM + Lightning Trainer) vs a plain PyTorch loop on the same model.
 
-    .venv/bin/python bench/throughput.py                          # 2x512 LSTM, batch 32 x seq_len 128
-    .venv/bin/python bench/throughput.py --hidden 256 --steps 20 --pairs 5
+    .venv/bin/python -m bench.throughput                          # 2x512 LSTM, batch 32 x seq_len 128
+    .venv/bin/python -m bench.throughput --hidden 256 --steps 20 --pairs 5
 
 charlm runs as ``train.py`` builds it (``train.build``): the Tiny Shakespeare DataModule with its TBPTT
 streams, CharLM with token-weighted metrics and carried state, AdamW, gradient clipping, the TensorBoard
@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from bench.report import describe, machine_info, table, write_json
-from charlm import ROOT
 from charlm.cells import GATES
+from charlm.config import build, compose, fast_precision
 from charlm.model import RNNStack
-from train import build, fast_precision
+from charlm.module import CharLM
 
 TARGET_RATIO = 0.97
 
@@ -73,36 +68,36 @@ def compose_run(args: argparse.Namespace, out: Path):
         "sample_length=0",
         *args.override,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
-def run_charlm(cfg, args: argparse.Namespace) -> tuple[float, dict]:
+def run_charlm(cfg, args: argparse.Namespace) -> tuple[float, CharLM, pl.Trainer]:
     dm, model, trainer = build(cfg)
     timer = StepTimer(args.warmup, args.steps)
     trainer.callbacks.append(timer)
     trainer.fit(model, datamodule=dm)
-    return args.batch * args.seq_len * args.steps / timer.seconds, model.net.state_dict()
+    return args.batch * args.seq_len * args.steps / timer.seconds, model, trainer
 
 
-def run_plain(cfg, dm, args: argparse.Namespace, weights: dict) -> float:
-    """The loop a careful user would write by hand: streams, carried detached state, AdamW, clipping."""
+def run_plain(cfg, dm, args: argparse.Namespace, model: CharLM, trainer: pl.Trainer) -> float:
+    """The loop a careful user would write by hand: streams, carried detached state, clipping; with the charlm
+    run's network config, weights, optimiser (class and settings, from the same ``OptimConfig``) and precision
+    (Lightning's own precision plugin converts the module and supplies the autocast context)."""
     tokens = torch.from_numpy(dm.parts["train"].astype("int64"))
     n = (len(tokens) - 1) // args.batch
     streams, targets = tokens[: n * args.batch].view(args.batch, n), tokens[1 : n * args.batch + 1].view(args.batch, n)
-    m = cfg.model
-    net = RNNStack(len(dm.vocab), m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.dropout, m.tie_weights)
-    net.load_state_dict(weights)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=m.lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
-    bf16 = str(cfg.trainer.precision).startswith("bf16")  # the same autocast Lightning applies
+    precision = trainer.precision_plugin
+    net = RNNStack(len(dm.vocab), model.rnn_cfg)
+    net.load_state_dict(model.net.state_dict())
+    net = precision.convert_module(net).train()
+    opt = model.optim_cfg.make_optimizer(net.parameters())
     state, start = None, None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             start = time.perf_counter()
         j = i * args.seq_len % (n - args.seq_len)
         x, y = streams[:, j : j + args.seq_len], targets[:, j : j + args.seq_len]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with precision.forward_context():
             logits, state = net(x, state)
         state = state.detach()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
@@ -156,8 +151,8 @@ def main() -> None:
         dm = instantiate(cfg.data)
         print(f"precision {cfg.trainer.precision} in both loops (change it with --override trainer.precision=...)")
         for i in range(args.pairs):
-            charlm, weights = run_charlm(cfg, args)
-            plain = run_plain(cfg, dm, args, weights)
+            charlm, model, trainer = run_charlm(cfg, args)
+            plain = run_plain(cfg, dm, args, model, trainer)
             pairs.append({"charlm_chars_per_s": charlm, "plain_chars_per_s": plain, "ratio": charlm / plain})
             print(f"  pair {i + 1}: charlm {charlm:,.0f} chars/s, plain {plain:,.0f} chars/s", flush=True)
     median = statistics.median(r["ratio"] for r in pairs)

@@ -1,6 +1,6 @@
 """Benchmark corpus -> token cache: ``charlm.corpus.load_tokens`` on a built corpus, first run and cached reload.
 
-    .venv/bin/python bench/tokenize_speed.py --mb 100
+    .venv/bin/python -m bench.tokenize_speed --mb 100
 
 The corpus is The Time Machine and Tiny Shakespeare, line by line, with a Chinese, accented-Latin, Greek /
 Cyrillic / Hebrew / Arabic or emoji line after every 20th, repeated up to ``--mb`` megabytes (10^6 bytes).
@@ -26,11 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # run as a script: import charlm and bench from the checkout, and keep bench/ off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
+from bench import ROOT
 from bench.report import describe, machine_info, table, write_json
-from charlm import ROOT, UserError, reported_user_errors
+from charlm import UserError, reported_user_errors
 
 TARGET_MB_S = 100.0
 TARGET_MEMORY_RATIO = 2.0  # peak RSS above the import baseline / corpus bytes
@@ -101,8 +99,8 @@ def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
 
 
 def measure_in_subprocess(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", str(corpus), "--cache-dir", str(cache_dir)]
-    proc = subprocess.run([*cmd, "--preprocess", preprocess], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.tokenize_speed", "--measure", str(corpus), "--cache-dir", str(cache_dir)]
+    proc = subprocess.run([*cmd, "--preprocess", preprocess], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         if last.startswith("error: "):  # a UserError of load_tokens: pass its sentence on as it is

@@ -2,11 +2,8 @@
 
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 __version__ = "0.2.0"
-
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/ and data/ live here
 
 
 class UserError(Exception):

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import Diverged, UserError
-from charlm.sampling import sample_text
+from charlm.sampling import SamplingConfig, sample_text
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -24,11 +24,21 @@ NONFINITE_POLICIES = ("stop", "skip")
 class TextSample(pl.Callback):
     """Log ``length`` sampled characters after ``prompt`` as TensorBoard text, on rank 0, after each validation.
 
-    Prompt characters the vocab lacks are skipped, so a preset prompt never stops training.
+    Prompt characters the vocab lacks are skipped, so a preset prompt never stops training. The sampling
+    settings default to ``SamplingConfig``'s, as in ``charlm-generate``; the end-of-run sample uses these.
     """
 
-    def __init__(self, prompt: str = "The ", length: int = 200, temperature: float = 0.8, seed: int = 0):
-        self.prompt, self.length, self.temperature, self.seed = prompt, length, temperature, seed
+    def __init__(
+        self,
+        prompt: str = "The ",
+        length: int = 200,
+        temperature: float = SamplingConfig.temperature,
+        top_k: int = SamplingConfig.top_k,
+        top_p: float = SamplingConfig.top_p,
+        seed: int = 0,
+    ):
+        self.prompt, self.length, self.seed = prompt, length, seed
+        self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -42,7 +52,7 @@ class TextSample(pl.Callback):
             pl_module.vocab,
             self.prompt,
             self.length,
-            temperature=self.temperature,
+            self.sampling,
             unknown="skip",
             generator=generator,
         )[0]

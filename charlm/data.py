@@ -136,7 +136,7 @@ class CharDataModule(pl.LightningDataModule):
         preprocess: str = "none",
         splits: Sequence[float] = (0.9, 0.05, 0.05),
         batch_size: int = 32,
-        seq_len: int = 128,
+        seq_len: int = 64,
         eval_batch_size: int = 16,
         sampling: str = "tbptt",
         unk: str | None = "\ufffd",
@@ -147,8 +147,8 @@ class CharDataModule(pl.LightningDataModule):
         if sampling not in SAMPLING:
             raise UserError(f"data.sampling={sampling!r} is not known; use one of {', '.join(SAMPLING)}.")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise UserError(f"data.{name}={value} must be a positive integer; set it to 1 or more.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"data.{name}={value!r} must be a positive integer; set it to 1 or more.")
         self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
         self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
         self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed

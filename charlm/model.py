@@ -16,12 +16,14 @@ Regularisers beyond Zaremba (all off by default, all inactive in eval mode):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from charlm import UserError
-from charlm.cells import ScratchLayer, cell_step, project_input
+from charlm.cells import ScratchLayer
 
 CELLS = {
     "lstm": (nn.LSTM, {}),
@@ -52,99 +54,98 @@ class LockedDropout(nn.Module):
         return f"p={self.p}"
 
 
-def check_hparams(
-    vocab_size: int,
-    cell: str,
-    num_layers: int,
-    hidden_size: int,
-    embedding_size: int | None,
-    dropout: float,
-    tie_weights: bool,
-    init_scale: float | None,
-    impl: str = "fused",
-    recurrent_dropout: float = 0.0,
-    weight_drop: float = 0.0,
-    layer_norm: bool = False,
-) -> None:
-    if cell not in CELLS:
-        raise UserError(f"model.cell={cell!r} is not a known cell; use one of {', '.join(CELLS)}.")
-    if num_layers < 1:
-        raise UserError(f"model.num_layers={num_layers} must be at least 1; set model.num_layers=1 or more.")
-    if hidden_size < 1:
-        raise UserError(f"model.hidden_size={hidden_size} must be at least 1; set a positive size.")
-    if embedding_size is not None and embedding_size < 0:
-        raise UserError(
-            f"model.embedding_size={embedding_size} must be >= 0 (0 means one-hot input, null = hidden_size)."
-        )
-    for name, p in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)):
-        if not 0 <= p < 1:
-            raise UserError(f"model.{name}={p} must be in [0, 1); e.g. model.{name}=0.2.")
-    if impl not in IMPLS:
-        raise UserError(f"model.impl={impl!r} is not known; use model.impl=fused or model.impl=scratch.")
-    for name, on in (("recurrent_dropout", recurrent_dropout > 0), ("layer_norm", layer_norm)):
-        if on and impl == "fused":
-            raise UserError(f"model.{name} needs the cell equations, which fused kernels hide; set model.impl=scratch.")
-    if init_scale is not None and init_scale <= 0:
-        raise UserError(f"model.init_scale={init_scale} must be positive, or null for torch's default init.")
-    if vocab_size < 1:
-        raise UserError("the vocab is empty; train on a non-empty corpus.")
-    if tie_weights and (embedding_size if embedding_size is not None else hidden_size) != hidden_size:
-        raise UserError(
-            f"model.tie_weights needs embedding_size == hidden_size (got {embedding_size} vs {hidden_size});"
-            " set model.embedding_size=null or model.tie_weights=false."
-        )
-
-
-class RNNStack(nn.Module):
-    """Character RNN language model from plain hyperparameters; ``forward`` returns logits and new state.
+@dataclass(frozen=True, kw_only=True)
+class RNNConfig:
+    """The network's hyperparameters: the one place that lists them and their defaults (``python train.py``'s).
 
     ``embedding_size=None`` uses ``hidden_size``; ``embedding_size=0`` feeds one-hot vectors (d2l).
     ``init_scale`` draws every parameter from U(-s, s) as Zaremba et al. do; None keeps torch's init.
     ``impl``, ``locked_dropout``, ``recurrent_dropout``, ``weight_drop`` and ``layer_norm``: see the module doc.
+    Validated on construction; every error is one sentence naming the ``model.*`` setting to change.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        cell: str = "lstm",
-        num_layers: int = 2,
-        hidden_size: int = 256,
-        embedding_size: int | None = None,
-        dropout: float = 0.0,
-        tie_weights: bool = False,
-        init_scale: float | None = None,
-        impl: str = "fused",
-        locked_dropout: bool = False,
-        recurrent_dropout: float = 0.0,
-        weight_drop: float = 0.0,
-        layer_norm: bool = False,
-    ):
+    cell: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu
+    num_layers: int = 2
+    hidden_size: int = 256
+    embedding_size: int | None = None  # None: = hidden_size; 0: one-hot input (d2l)
+    dropout: float = 0.3  # Zaremba: after the embedding, between layers, before the decoder; never recurrent
+    tie_weights: bool = False  # share embedding and decoder weights (needs embedding_size = hidden_size)
+    init_scale: float | None = None  # U(-s, s) init for every weight (Zaremba); None: torch's default
+    impl: str = "fused"  # fused: torch's cuDNN/oneDNN kernels | scratch: the cell equations of charlm/cells.py
+    locked_dropout: bool = False  # one dropout mask per sequence, shared across time (Gal & Ghahramani)
+    recurrent_dropout: float = 0.0  # variational dropout on h(t-1); impl=scratch only (leaves Zaremba)
+    weight_drop: float = 0.0  # DropConnect on W_hh, one mask per batch (AWD-LSTM); fused or scratch
+    layer_norm: bool = False  # layer-normalised cells (Ba et al.); impl=scratch only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cell, str) or self.cell not in CELLS:
+            raise UserError(f"model.cell={self.cell!r} is not a known cell; use one of {', '.join(CELLS)}.")
+        for name, minimum in (("num_layers", 1), ("hidden_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise UserError(f"model.{name}={value!r} must be a whole number >= {minimum}; e.g. model.{name}=2.")
+        emb = self.embedding_size
+        if emb is not None and (isinstance(emb, bool) or not isinstance(emb, int) or emb < 0):
+            raise UserError(f"model.embedding_size={emb!r} must be >= 0 (0 means one-hot input, null = hidden_size).")
+        for name in ("dropout", "recurrent_dropout", "weight_drop"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+                raise UserError(f"model.{name}={p!r} must be in [0, 1); e.g. model.{name}=0.2.")
+        for name in ("tie_weights", "locked_dropout", "layer_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"model.{name}={getattr(self, name)!r} must be true or false.")
+        if not isinstance(self.impl, str) or self.impl not in IMPLS:
+            raise UserError(f"model.impl={self.impl!r} is not known; use model.impl=fused or model.impl=scratch.")
+        for name, on in (("recurrent_dropout", self.recurrent_dropout > 0), ("layer_norm", self.layer_norm)):
+            if on and self.impl == "fused":
+                raise UserError(
+                    f"model.{name} needs the cell equations, which fused kernels hide; set model.impl=scratch."
+                )
+        scale = self.init_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0):
+            raise UserError(f"model.init_scale={scale!r} must be positive, or null for torch's default init.")
+        if self.tie_weights and self.input_size != self.hidden_size:
+            raise UserError(
+                f"model.tie_weights needs embedding_size == hidden_size (got {emb} vs {self.hidden_size});"
+                " set model.embedding_size=null or model.tie_weights=false."
+            )
+
+    @property
+    def input_size(self) -> int:
+        """The embedding width (0: one-hot input)."""
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+
+class RNNStack(nn.Module):
+    """Character RNN language model over ``vocab_size`` tokens; ``forward`` returns logits and new state."""
+
+    def __init__(self, vocab_size: int, cfg: RNNConfig | None = None):
         super().__init__()
-        check_hparams(
-            vocab_size, cell, num_layers, hidden_size, embedding_size, dropout, tie_weights, init_scale,
-            impl, recurrent_dropout, weight_drop, layer_norm,
-        )  # fmt: skip
-        self.vocab_size, self.cell, self.num_layers, self.hidden_size = vocab_size, cell, num_layers, hidden_size
-        self.impl, self.weight_drop = impl, weight_drop
-        emb = hidden_size if embedding_size is None else embedding_size
+        cfg = RNNConfig() if cfg is None else cfg
+        if vocab_size < 1:
+            raise UserError("the vocab is empty; train on a non-empty corpus.")
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.cell, self.num_layers, self.hidden_size = cfg.cell, cfg.num_layers, cfg.hidden_size
+        self.impl, self.weight_drop = cfg.impl, cfg.weight_drop
+        emb = cfg.input_size
         self.embedding = nn.Embedding(vocab_size, emb) if emb else None
         in_size = emb or vocab_size
-        rnn_cls, kwargs = CELLS[cell]
-        sizes = [in_size] + [hidden_size] * (num_layers - 1)
+        rnn_cls, kwargs = CELLS[cfg.cell]
+        sizes = [in_size] + [cfg.hidden_size] * (cfg.num_layers - 1)
         self.layers = nn.ModuleList(
-            rnn_cls(n, hidden_size, batch_first=True, **kwargs)
-            if impl == "fused"
-            else ScratchLayer(cell, n, hidden_size, recurrent_dropout, layer_norm)
+            rnn_cls(n, cfg.hidden_size, batch_first=True, **kwargs)
+            if cfg.impl == "fused"
+            else ScratchLayer(cfg.cell, n, cfg.hidden_size, cfg.recurrent_dropout, cfg.layer_norm)
             for n in sizes
         )
         # Stateless, so one module serves every non-recurrent connection.
-        self.drop = LockedDropout(dropout) if locked_dropout else nn.Dropout(dropout)
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        if init_scale is not None:
+        self.drop = LockedDropout(cfg.dropout) if cfg.locked_dropout else nn.Dropout(cfg.dropout)
+        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        if cfg.init_scale is not None:
             for name, p in self.named_parameters():
                 if ".norm_" not in name:  # layer norms keep gain 1, shift 0
-                    nn.init.uniform_(p, -init_scale, init_scale)
-        if tie_weights:
+                    nn.init.uniform_(p, -cfg.init_scale, cfg.init_scale)
+        if cfg.tie_weights:
             self.decoder.weight = self.embedding.weight
 
     @property
@@ -181,56 +182,3 @@ class RNNStack(nn.Module):
         else:
             h, layer_state = torch.func.functional_call(layer, {"weight_hh_l0": weight_hh}, (h, layer_state))
         return h, torch.cat(layer_state) if self.cell == "lstm" else layer_state
-
-    def stepper(self) -> Stepper:
-        """A frozen single-character inference step over the current weights (see ``Stepper``)."""
-        return Stepper(self)
-
-
-class Stepper:
-    """One character per stream for inference: ``stepper(ids [N], state [S, L, N, H]) -> logits [N, V], state``.
-
-    Runs the cell equations of ``charlm.cells`` on the weights of a fused or scratch ``RNNStack``; a length-1
-    call of a fused kernel costs ~10x more on CPU. Built once per generation, because it precomputes:
-    - layer 0's input projection of every token, W_ih e_v + b_ih: a row lookup replaces a matmul;
-    - every other weight transposed and contiguous, so each step is a plain ``addmm``.
-    It never drops anything, and it sees weight updates only when rebuilt.
-    """
-
-    @torch.no_grad()
-    def __init__(self, net: RNNStack):
-        self.cell, first = net.cell, net.layers[0]
-        tokens = net.embedding.weight if net.embedding is not None else torch.eye(net.vocab_size).to(first.bias_ih_l0)
-        self.table = project_input(first, tokens)  # [V, G*H]
-        self.layers = [
-            (
-                (layer.weight_ih_l0.t().contiguous(), layer.bias_ih_l0, getattr(layer, "norm_ih", None)),
-                (layer.weight_hh_l0.t().contiguous(), layer.bias_hh_l0, getattr(layer, "norm_hh", None)),
-                getattr(layer, "norm_c", None),
-            )
-            for layer in net.layers
-        ]
-        self.decoder = (net.decoder.weight.t().contiguous(), net.decoder.bias, None)
-
-    @staticmethod
-    def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-        y = torch.addmm(bias, x, weight_t)
-        return y if norm is None else norm(y)
-
-    def split(self, state: State) -> list[tuple]:
-        """State [S, L, N, H] -> per layer (h [N, H], C [N, H] or None), the form ``advance`` carries."""
-        return [(state[0, k], state[1, k] if self.cell == "lstm" else None) for k in range(len(self.layers))]
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        logits, layers = self.advance(ids, self.split(state))
-        return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in layers], dim=1)
-
-    def advance(self, ids: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
-        """``__call__`` on a per-layer list of (h, C or None), which saves the stacking in a sampling loop."""
-        x, new = ids, []
-        for k, ((h, c), (proj_in, proj_hh, norm_c)) in enumerate(zip(layers, self.layers, strict=True)):
-            gi = self.table[x] if k == 0 else self._affine(x, *proj_in)
-            x, c = cell_step(self.cell, gi, self._affine(h, *proj_hh), h, c, norm_c)
-            new.append((x, c))
-        return self._affine(x, *self.decoder), new

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,72 +17,45 @@ from torchmetrics import MeanMetric
 
 from charlm import UserError, __version__
 from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
-from charlm.model import RNNStack, State
-from charlm.optim import WarmupCosineLR, check_optim
+from charlm.model import RNNConfig, RNNStack, State
+from charlm.optim import OptimConfig, WarmupCosineLR
 from charlm.vocab import CharVocab
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "step", "plateau", "cosine")
 STAGES = ("train", "val", "test")
 
 
+def split_hparams(hparams: dict) -> tuple[RNNConfig, OptimConfig]:
+    """Flat ``model.*`` settings -> the network's and the optimiser's configs (each validates itself)."""
+    names = {cls: {f.name for f in fields(cls)} for cls in (RNNConfig, OptimConfig)}
+    unknown = sorted(set(hparams) - names[RNNConfig] - names[OptimConfig])
+    if unknown:
+        known = ", ".join(sorted(names[RNNConfig] | names[OptimConfig]))
+        raise UserError(f"model.{unknown[0]} is not a model setting; use one of {known}.")
+    rnn, optim = ({k: v for k, v in hparams.items() if k in names[cls]} for cls in (RNNConfig, OptimConfig))
+    return RNNConfig(**rnn), OptimConfig(**optim)
+
+
 class CharLM(pl.LightningModule):
-    """Character language model over ``RNNStack``.
+    """Character language model over ``RNNStack``: ``CharLM(vocab, **settings)``.
+
+    ``settings`` are the fields of ``RNNConfig`` (the network) and ``OptimConfig`` (optimiser and schedule),
+    flat, as ``model.*`` in the configs; the rest keep those classes' defaults, so ``CharLM(vocab)`` is the model
+    that ``python train.py`` trains. The hyperparameters are saved as plain data (one flat dict with every
+    setting), so a checkpoint alone rebuilds the model, with ``weights_only=True``.
 
     Batches are ``(x, y, reset)``: when ``reset`` is False the previous batch of the same stage ended exactly
     where this one starts (TBPTT streams), so its final state, detached, is this batch's initial state.
-
-    Schedules: ``step`` keeps ``lr`` for ``decay_start`` epochs then multiplies it by ``decay_factor`` each
-    epoch (Zaremba); ``plateau`` multiplies by ``decay_factor`` after ``plateau_patience`` epochs without a
-    better val/loss; ``cosine`` anneals per step to ``min_lr`` over the run (its steps, or its wall clock under
-    ``trainer.max_time``, whichever ends it first); ``none`` keeps ``lr``. ``warmup_steps``
-    ramps the LR linearly from 0 under ``none`` and ``cosine``.
     """
 
-    def __init__(
-        self,
-        vocab: dict,
-        cell: str = "lstm",
-        num_layers: int = 2,
-        hidden_size: int = 256,
-        embedding_size: int | None = None,
-        dropout: float = 0.0,
-        tie_weights: bool = False,
-        init_scale: float | None = None,
-        impl: str = "fused",
-        locked_dropout: bool = False,
-        recurrent_dropout: float = 0.0,
-        weight_drop: float = 0.0,
-        layer_norm: bool = False,
-        optimizer: str = "adamw",
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: str = "none",
-        warmup_steps: int = 0,
-        min_lr: float = 0.0,
-        decay_start: int = 4,
-        decay_factor: float = 0.5,
-        plateau_patience: int = 1,
-    ):
+    def __init__(self, vocab: dict, **settings):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"model.optimizer={optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}.")
-        if scheduler not in SCHEDULERS:
-            raise UserError(f"model.scheduler={scheduler!r} is not known; use one of {', '.join(SCHEDULERS)}.")
-        check_optim(lr, min_lr, weight_decay, momentum, betas)
-        if not 0 < decay_factor <= 1:
-            raise UserError(f"model.decay_factor={decay_factor} must be in (0, 1]; e.g. model.decay_factor=0.5.")
-        if warmup_steps < 0:
-            raise UserError(f"model.warmup_steps={warmup_steps} must be >= 0.")
+        self.rnn_cfg, self.optim_cfg = split_hparams(settings)
+        hparams = {"vocab": vocab, **asdict(self.rnn_cfg), **asdict(self.optim_cfg)}
+        hparams["betas"] = list(self.optim_cfg.betas)  # the layout of checkpoints before OptimConfig
         # logger=False: train.py logs the whole run config, with final metrics, as the TensorBoard hparams entry.
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(hparams, logger=False)
         self.vocab = CharVocab.from_dict(vocab)
-        self.net = RNNStack(
-            len(self.vocab), cell, num_layers, hidden_size, embedding_size, dropout, tie_weights, init_scale,
-            impl, locked_dropout, recurrent_dropout, weight_drop, layer_norm,
-        )  # fmt: skip
+        self.net = RNNStack(len(self.vocab), self.rnn_cfg)
         # Token-weighted mean NLL per stage and epoch ("train" itself would clash with nn.Module.train).
         # A NaN loss must make the epoch mean NaN; torchmetrics' default drops it silently. nan_strategy=nan
         # "imputes" NaN with NaN; "disable" would also do, but torchmetrics 1.9 then ignores the weights.
@@ -137,12 +111,8 @@ class CharLM(pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
-            opt = cls(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        hp = self.optim_cfg
+        opt = hp.make_optimizer(self.parameters())
         if hp.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=hp.decay_factor, patience=hp.plateau_patience

@@ -1,27 +1,85 @@
-"""Optimiser settings checks and the LR schedule that resumes exactly (its wall-clock progress is state)."""
+"""Optimiser and schedule settings (``OptimConfig``), and the LR schedule that resumes exactly (its wall-clock
+progress is state)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from charlm import UserError
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "plateau", "cosine")
 
-def check_optim(lr: float, min_lr: float, weight_decay: float, momentum: float, betas) -> None:
-    """Refuse learning rates and optimiser settings that would train nothing or diverge at once."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise UserError(f"model.lr={lr} must be a positive finite number; e.g. model.lr=0.002.")
-    if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
-        raise UserError(f"model.min_lr={min_lr} must be in [0, model.lr={lr}]; e.g. model.min_lr=0.")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise UserError(f"model.weight_decay={weight_decay} must be >= 0 and finite; e.g. model.weight_decay=0.01.")
-    if not 0 <= momentum < 1:
-        raise UserError(f"model.momentum={momentum} must be in [0, 1); e.g. model.momentum=0.9.")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise UserError(f"model.betas={list(betas)} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999].")
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The optimiser and LR schedule: the one place that lists their settings and defaults (``python train.py``'s).
+
+    Schedules: ``step`` keeps ``lr`` for ``decay_start`` epochs then multiplies it by ``decay_factor`` each
+    epoch (Zaremba); ``plateau`` multiplies by ``decay_factor`` after ``plateau_patience`` epochs without a
+    better val/loss; ``cosine`` anneals per step to ``min_lr`` over the run (its steps, or its wall clock under
+    ``trainer.max_time``, whichever ends it first); ``none`` keeps ``lr``. ``warmup_steps`` ramps the LR
+    linearly from 0 under ``none`` and ``cosine``. Validated on construction, with one-sentence errors that
+    name the ``model.*`` setting to change: a rate that would train nothing or diverge at once is refused.
+    """
+
+    optimizer: str = "adamw"  # sgd | adam | adamw
+    lr: float = 4e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    scheduler: str = "cosine"  # none | step (Zaremba) | plateau | cosine
+    warmup_steps: int = 20  # linear warm-up (none / cosine)
+    min_lr: float = 0.0  # cosine floor
+    decay_start: int = 4  # step: epochs at full lr
+    decay_factor: float = 0.5  # step / plateau: lr multiplier
+    plateau_patience: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, str) or not isinstance(self.betas, Sequence):
+            raise UserError(f"model.betas={self.betas!r} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999].")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list from yaml or a checkpoint
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"model.optimizer={self.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"model.scheduler={self.scheduler!r} is not known; use one of {', '.join(SCHEDULERS)}.")
+        numbers = {name: getattr(self, name) for name in ("lr", "min_lr", "weight_decay", "momentum", "decay_factor")}
+        for name, value in {**numbers, **{f"betas[{i}]": b for i, b in enumerate(self.betas)}}.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                example = getattr(OptimConfig, name, None) if "[" not in name else OptimConfig.betas[int(name[-2])]
+                raise UserError(f"model.{name}={value!r} must be a number; e.g. model.{name}={example}.")
+        lr, min_lr = self.lr, self.min_lr
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"model.lr={lr} must be a positive finite number; e.g. model.lr=0.002.")
+        if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
+            raise UserError(f"model.min_lr={min_lr} must be in [0, model.lr={lr}]; e.g. model.min_lr=0.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(
+                f"model.weight_decay={self.weight_decay} must be >= 0 and finite; e.g. model.weight_decay=0.01."
+            )
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"model.momentum={self.momentum} must be in [0, 1); e.g. model.momentum=0.9.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(
+                f"model.betas={list(self.betas)} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999]."
+            )
+        if not 0 < self.decay_factor <= 1:
+            raise UserError(f"model.decay_factor={self.decay_factor} must be in (0, 1]; e.g. model.decay_factor=0.5.")
+        for name in ("warmup_steps", "decay_start", "plateau_patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"model.{name}={value!r} must be a whole number >= 0.")
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The configured optimiser over ``params`` (the schedule needs the Trainer: see CharLM)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):

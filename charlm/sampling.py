@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from charlm import UserError
-from charlm.model import RNNStack
+from charlm.cells import cell_step, project_input
+from charlm.model import RNNStack, State
 from charlm.vocab import CharVocab
 
 
-def check_sampling(length: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
-    if length < 0:
-        raise UserError(f"length={length} must be >= 0; e.g. length=500.")
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy); e.g. temperature=0.8.")
-    if top_k < 0:
-        raise UserError(f"top_k={top_k} must be >= 0 (0 disables it).")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (1 disables it).")
-    if num_samples < 1:
-        raise UserError(f"num_samples={num_samples} must be at least 1.")
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How each next character is drawn: the one home of these settings and their defaults, shared by
+    ``generate.py``, the sample printed at the end of training and the TensorBoard sample callback."""
+
+    temperature: float = 0.8  # 0 = greedy (argmax)
+    top_k: int = 0  # keep only the k most likely characters (0 = off)
+    top_p: float = 1.0  # nucleus sampling: the smallest set with this much probability (1 = off)
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(
+                    f"{name}={value!r} must be a finite number; e.g. {name}={getattr(SamplingConfig, name)}."
+                )
+        if self.temperature < 0:
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0 is greedy); e.g. temperature=0.8.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be a whole number >= 0 (0 disables it).")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables it).")
+
+
+def check_length(length: int, num_samples: int) -> None:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise UserError(f"length={length!r} must be a whole number >= 0; e.g. length=500.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise UserError(f"num_samples={num_samples!r} must be a whole number >= 1.")
 
 
 def next_token(
@@ -63,9 +85,8 @@ def generate(
     vocab: CharVocab,
     prompt: str = "",
     length: int = 200,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
     num_samples: int = 1,
     unknown: str = "error",
     generator: torch.Generator | None = None,
@@ -76,38 +97,108 @@ def generate(
     context is never re-fed: the prompt goes through ``net`` once, then each step feeds only the last
     character with the carried state, so every character costs the same. ``net`` should be in eval mode.
     """
-    check_sampling(length, temperature, top_k, top_p, num_samples)
+    check_length(length, num_samples)
     device = next(net.parameters()).device
     x = torch.tensor(start_ids(vocab, prompt, unknown), device=device).expand(num_samples, -1)  # [N, P]
-    return _steps(net, x, length, temperature, top_k, top_p, generator)
+    return _steps(net, x, length, sampling, generator)
 
 
 def _steps(
-    net: RNNStack,
-    x: torch.Tensor,
-    length: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None,
+    net: RNNStack, x: torch.Tensor, length: int, sampling: SamplingConfig, generator: torch.Generator | None
 ) -> Iterator[torch.Tensor]:
     with torch.inference_mode():
         logits, state = net(x)  # the whole prompt in one pass: [N, P, V]
-        step = net.stepper()  # then one character at a time through the cell equations
+        step = Stepper(net)  # then one character at a time through the cell equations
         layers = step.split(state)
         logits = logits[:, -1]
     for i in range(length):
         with torch.inference_mode():
-            ids = next_token(logits, temperature, top_k, top_p, generator)  # [N]
+            ids = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)  # [N]
             if i + 1 < length:
                 logits, layers = step.advance(ids, layers)  # [N, V]
         yield ids
 
 
-def sample_text(net: RNNStack, vocab: CharVocab, prompt: str = "", length: int = 200, **kwargs) -> list[str]:
-    """Whole samples as strings, each starting with the prompt."""
-    steps = list(generate(net, vocab, prompt, length, **kwargs))
-    if not steps:
-        return [prompt] * kwargs.get("num_samples", 1)
-    ids = torch.stack(steps, dim=1).cpu()  # [N, length]
-    return [prompt + vocab.decode(row) for row in ids]
+def stream_text(
+    net: RNNStack,
+    vocab: CharVocab,
+    prompt: str = "",
+    length: int = 200,
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    num_samples: int = 1,
+    unknown: str = "error",
+    generator: torch.Generator | None = None,
+) -> Iterator[list[str]]:
+    """Decoded text as it is produced, one string per sample: first the prompt, then each new character.
+
+    Checks everything before the first yield, as ``generate`` does; ``"".join`` of a sample's pieces is
+    the sample."""
+    steps = generate(
+        net, vocab, prompt, length, sampling, num_samples=num_samples, unknown=unknown, generator=generator
+    )
+    yield [prompt] * num_samples
+    for ids in steps:
+        yield list(vocab.decode(ids.cpu()))  # one character per sample
+
+
+def sample_text(
+    net: RNNStack,
+    vocab: CharVocab,
+    prompt: str = "",
+    length: int = 200,
+    sampling: SamplingConfig = SamplingConfig(),
+    **kwargs,
+) -> list[str]:
+    """Whole samples as strings, each starting with the prompt (``kwargs``: those of ``stream_text``)."""
+    pieces = list(stream_text(net, vocab, prompt, length, sampling, **kwargs))
+    return ["".join(chunks) for chunks in zip(*pieces, strict=True)]
+
+
+class Stepper:
+    """One character per stream for inference: ``stepper(ids [N], state [S, L, N, H]) -> logits [N, V], state``.
+
+    Runs the cell equations of ``charlm.cells`` on the weights of a fused or scratch ``RNNStack``; a length-1
+    call of a fused kernel costs ~10x more on CPU. Built once per generation, because it precomputes:
+    - layer 0's input projection of every token, W_ih e_v + b_ih: a row lookup replaces a matmul;
+    - every other weight transposed and contiguous, so each step is a plain ``addmm``.
+    It never drops anything, and it sees weight updates only when rebuilt.
+    """
+
+    @torch.no_grad()
+    def __init__(self, net: RNNStack):
+        self.cell, first = net.cell, net.layers[0]
+        tokens = net.embedding.weight if net.embedding is not None else torch.eye(net.vocab_size).to(first.bias_ih_l0)
+        self.table = project_input(first, tokens)  # [V, G*H]
+        self.layers = [
+            (
+                (layer.weight_ih_l0.t().contiguous(), layer.bias_ih_l0, getattr(layer, "norm_ih", None)),
+                (layer.weight_hh_l0.t().contiguous(), layer.bias_hh_l0, getattr(layer, "norm_hh", None)),
+                getattr(layer, "norm_c", None),
+            )
+            for layer in net.layers
+        ]
+        self.decoder = (net.decoder.weight.t().contiguous(), net.decoder.bias, None)
+
+    @staticmethod
+    def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        y = torch.addmm(bias, x, weight_t)
+        return y if norm is None else norm(y)
+
+    def split(self, state: State) -> list[tuple]:
+        """State [S, L, N, H] -> per layer (h [N, H], C [N, H] or None), the form ``advance`` carries."""
+        return [(state[0, k], state[1, k] if self.cell == "lstm" else None) for k in range(len(self.layers))]
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        logits, layers = self.advance(ids, self.split(state))
+        return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in layers], dim=1)
+
+    def advance(self, ids: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
+        """``__call__`` on a per-layer list of (h, C or None), which saves the stacking in a sampling loop."""
+        x, new = ids, []
+        for k, ((h, c), (proj_in, proj_hh, norm_c)) in enumerate(zip(layers, self.layers, strict=True)):
+            gi = self.table[x] if k == 0 else self._affine(x, *proj_in)
+            x, c = cell_step(self.cell, gi, self._affine(h, *proj_hh), h, c, norm_c)
+            new.append((x, c))
+        return self._affine(x, *self.decoder), new

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny corpus, a private token cache, and Hydra configs composed as train.py composes them."""
+"""Shared fixtures: a tiny corpus, a private token cache, Hydra configs composed as ``charlm-train`` composes them
+(``charlm.config.compose``), and the entry points and benchmarks run as processes."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
-import train  # noqa: F401 - registers the ${charlm_root:} resolver
+from charlm.config import compose
+from charlm.model import RNNConfig, RNNStack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,21 +57,32 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+def compose_train(overrides: list[str]) -> DictConfig:
+    return compose(overrides, config_name="train")
 
 
-def compose_generate(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="generate", overrides=overrides)
+def compose_generate(overrides: list[str]) -> DictConfig:
+    return compose(overrides, config_name="generate")
+
+
+def rnn(vocab_size: int, **settings) -> RNNStack:
+    """``RNNStack(vocab_size, RNNConfig(**settings))``: RNNConfig's defaults for the settings not given."""
+    return RNNStack(vocab_size, RNNConfig(**settings))
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
 def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
-    )
+    """Run a script of the checkout (``train.py``, ``generate.py``) as a process."""
+    return _run([sys.executable, str(ROOT / script), *args], cwd)
+
+
+def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a module as ``python -m NAME`` (the benchmarks: ``bench.quality``), from the checkout by default."""
+    return _run([sys.executable, "-m", name, *args], cwd)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -15,8 +14,9 @@ from omegaconf import OmegaConf
 from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
+from charlm.config import compose
 from charlm.model import CELLS
-from tests.conftest import ROOT, assert_user_error, make_text, run_cli, tiny_overrides
+from tests.conftest import assert_user_error, make_text, run_module, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,8 +33,8 @@ def test_build_corpus_writes_whole_lines_of_every_script(tmp_path):
 
 def test_tokenize_speed_reports_first_run_and_cached_reload(tmp_path):
     out = tmp_path / "tokenize.json"
-    proc = run_cli(
-        "bench/tokenize_speed.py", "--mb", "1", "--repeats", "1", "--tmp-dir", str(tmp_path), "--json", str(out)
+    proc = run_module(
+        "bench.tokenize_speed", "--mb", "1", "--repeats", "1", "--tmp-dir", str(tmp_path), "--json", str(out)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("machine: ") and "first run" in proc.stdout and "cached reload" in proc.stdout
@@ -54,7 +54,7 @@ def test_tokenize_speed_reports_first_run_and_cached_reload(tmp_path):
 
 
 def test_tokenize_speed_refuses_a_bad_size(tmp_path):
-    assert_user_error(run_cli("bench/tokenize_speed.py", "--mb", "0", "--json", str(tmp_path / "x.json")), "--mb")
+    assert_user_error(run_module("bench.tokenize_speed", "--mb", "0", "--json", str(tmp_path / "x.json")), "--mb")
 
 
 def write_events(run_dir: Path, bpc: list[float], tag: str = "val/bpc") -> None:
@@ -84,8 +84,8 @@ def test_plot_curves_writes_a_png_with_one_line_per_run(tmp_path):
     write_events(tmp_path / "lstm", [3.0, 2.5, 2.2])
     write_events(tmp_path / "gru", [3.1, 2.4])
     out = tmp_path / "docs" / "curves.png"
-    proc = run_cli(
-        "bench/plot_curves.py",
+    proc = run_module(
+        "bench.plot_curves",
         "--run",
         f"LSTM={tmp_path / 'lstm'}",
         "--run",
@@ -100,10 +100,10 @@ def test_plot_curves_writes_a_png_with_one_line_per_run(tmp_path):
 
 def test_plot_curves_refuses_a_dir_without_events_or_without_val_bpc(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_cli("bench/plot_curves.py", "--run", f"x={tmp_path / 'empty'}", "--out", str(tmp_path / "x.png"))
+    proc = run_module("bench.plot_curves", "--run", f"x={tmp_path / 'empty'}", "--out", str(tmp_path / "x.png"))
     assert_user_error(proc, "no TensorBoard event files")
     write_events(tmp_path / "no_val", [4.0], tag="train/loss")
-    proc = run_cli("bench/plot_curves.py", "--run", str(tmp_path / "no_val"), "--out", str(tmp_path / "x.png"))
+    proc = run_module("bench.plot_curves", "--run", str(tmp_path / "no_val"), "--out", str(tmp_path / "x.png"))
     assert_user_error(proc, "'val/bpc'")
     assert not (tmp_path / "x.png").exists()
 
@@ -127,7 +127,7 @@ def test_quality_trains_for_a_fixed_time_and_reads_back_val_loss(tmp_path):
     overrides = [o for o in tiny_overrides(corpus, tmp_path, "test=false") if not o.startswith("paths.output_dir")]
     out = tmp_path / "quality.json"
     args = ["--experiment", "default", "--max-time", "60", "--out-dir", str(tmp_path / "runs"), "--json", str(out)]
-    proc = run_cli("bench/quality.py", *args, *(f"--override={o}" for o in overrides))
+    proc = run_module("bench.quality", *args, *(f"--override={o}" for o in overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = json.loads(out.read_text(encoding="utf-8"))["runs"]
     assert run["val_points"] == 2 and run["epochs"] == 2  # tiny_overrides: max_epochs=2 comes before 60 s
@@ -150,8 +150,7 @@ def test_optuna_search_composes_and_every_point_of_its_space_fits_the_corpus(sea
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
     overrides = [f"hparams_search={search}", *SEARCHES[search], f"paths.cache_dir={tmp_path}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
     assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.optimized_metric == "val/loss"
@@ -168,7 +167,7 @@ def test_optuna_search_composes_and_every_point_of_its_space_fits_the_corpus(sea
 def test_cells_benchmark_reports_fused_and_scratch(tmp_path):
     out = tmp_path / "cells.json"
     args = ["--cells", "lstm", "gru", "--hidden", "16", "--batch", "4", "--seq-len", "8", "--steps", "1"]
-    proc = run_cli("bench/cells.py", *args, "--repeats", "1", "--json", str(out))
+    proc = run_module("bench.cells", *args, "--repeats", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scratch / fused" in proc.stdout
     rows = json.loads(out.read_text())["results"]
@@ -182,7 +181,7 @@ def test_cells_benchmark_reports_fused_and_scratch(tmp_path):
 def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tmp_path):
     out = tmp_path / "sampling.json"
     args = ["--hidden", "16", "--streams", "1", "3", "--lengths", "5", "40", "--naive-budget", "500"]
-    proc = run_cli("bench/sampling.py", *args, "--fused-step-max-length", "10", "--json", str(out))
+    proc = run_module("bench.sampling", *args, "--fused-step-max-length", "10", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r["sampler"], r["streams"], r["length"]): r for r in json.loads(out.read_text())["results"]}
     assert len(rows) == 3 * 2 * 2
@@ -198,7 +197,7 @@ def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tm
 def test_throughput_benchmark_compares_charlm_with_a_plain_loop(tmp_path):
     out = tmp_path / "throughput.json"
     args = ["--hidden", "16", "--batch", "4", "--seq-len", "8", "--steps", "2", "--warmup", "1", "--pairs", "2"]
-    proc = run_cli("bench/throughput.py", *args, "--override", f"paths.cache_dir={tmp_path}", "--json", str(out))
+    proc = run_module("bench.throughput", *args, "--override", f"paths.cache_dir={tmp_path}", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["results"]
     pairs = result["pairs"]  # two: the second trains into the first one's scratch directory

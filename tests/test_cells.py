@@ -7,6 +7,7 @@ from torch import nn
 
 from charlm.cells import ScratchLayer
 from charlm.model import CELLS, RNNStack
+from tests.conftest import rnn
 
 V = 11
 
@@ -14,8 +15,9 @@ V = 11
 def twin_nets(cell: str, num_layers: int, dtype: torch.dtype, **kw) -> tuple[RNNStack, RNNStack]:
     """A fused and a scratch net holding the same weights: the scratch one loads the fused state dict as is."""
     torch.manual_seed(0)
-    fused = RNNStack(V, cell, num_layers, hidden_size=8, embedding_size=5, impl="fused", **kw).to(dtype)
-    scratch = RNNStack(V, cell, num_layers, hidden_size=8, embedding_size=5, impl="scratch", **kw).to(dtype)
+    kw = {"cell": cell, "num_layers": num_layers, "hidden_size": 8, "embedding_size": 5, "dropout": 0.0} | kw
+    fused = rnn(V, impl="fused", **kw).to(dtype)
+    scratch = rnn(V, impl="scratch", **kw).to(dtype)
     assert fused.state_dict().keys() == scratch.state_dict().keys()  # same names, same layout: no conversion
     scratch.load_state_dict(fused.state_dict())
     return fused, scratch

@@ -1,30 +1,125 @@
-"""Every shipped config composes into objects that can train; sweeps run; presets say what they claim."""
+"""Every shipped config builds the objects it describes: the values the code runs with are the values the configs
+(and the README) state, the Python defaults and the default run are one and the same, sweeps run, and each
+trainer preset sets what it claims."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.callbacks import LearningRateMonitor, Timer
+from pytorch_lightning.strategies import DDPStrategy
 
-from tests.conftest import ROOT, compose_train, make_text, run_cli, tiny_overrides
+from charlm.callbacks import TextSample
+from charlm.config import DATA_DIR, build
+from charlm.data import CharDataModule
+from charlm.model import CELLS, RNNConfig
+from charlm.module import CharLM
+from charlm.optim import OptimConfig
+from charlm.sampling import SamplingConfig
+from tests.conftest import ROOT, compose_generate, compose_train, make_text, run_cli, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
+SETTINGS = {"rnn_cfg": RNNConfig, "optim_cfg": OptimConfig}
+DATA_SETTINGS = ("path", "preprocess", "splits", "batch_size", "seq_len", "eval_batch_size", "sampling", "unk")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the module: each shipped corpus is tokenized once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def plain(cfg) -> dict:
+    """A config node as plain data, without Hydra's ``_target_`` / ``_convert_``."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not k.startswith("_")}
+
+
+def assert_model_is_the_config(model: CharLM, model_cfg, vocab: dict) -> None:
+    settings = plain(model_cfg)
+    assert set(settings) == {f.name for cls in SETTINGS.values() for f in fields(cls)}  # nothing dropped or extra
+    for attr, cls in SETTINGS.items():
+        built = asdict(getattr(model, attr))
+        assert built == {f.name: settings[f.name] for f in fields(cls)} | (
+            {"betas": tuple(settings["betas"])} if cls is OptimConfig else {}
+        )
+    assert dict(model.hparams) == {"vocab": vocab, **settings}  # what a checkpoint rebuilds the model from
+    net, m = model.net, model_cfg
+    layer_cls = CELLS[m.cell][0] if m.impl == "fused" else None
+    assert (net.cell, net.num_layers, net.hidden_size, len(net.layers)) == (
+        m.cell,
+        m.num_layers,
+        m.hidden_size,
+        m.num_layers,
+    )
+    assert layer_cls is None or all(type(layer) is layer_cls for layer in net.layers)
+    emb = m.hidden_size if m.embedding_size is None else m.embedding_size
+    assert (net.embedding is None) == (emb == 0) and (emb == 0 or net.embedding.embedding_dim == emb)
+    assert net.drop.p == m.dropout and (net.decoder.weight is getattr(net.embedding, "weight", None)) == m.tie_weights
+    if m.init_scale is not None:
+        assert max(float(p.abs().max()) for p in net.parameters()) <= m.init_scale
+
+
+def assert_data_is_the_config(dm: CharDataModule, data_cfg) -> None:
+    settings = plain(data_cfg)
+    for name in DATA_SETTINGS:
+        expected = tuple(settings[name]) if name == "splits" else settings[name]
+        assert getattr(dm, name) == expected, name
+
+
+def assert_trainer_is_the_config(trainer, trainer_cfg) -> None:
+    t = plain(trainer_cfg)
+    for name in (
+        "max_epochs",
+        "max_steps",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "precision",
+        "log_every_n_steps",
+        "num_sanity_val_steps",
+        "val_check_interval",
+        "limit_train_batches",
+        "limit_val_batches",
+        "limit_test_batches",
+        "check_val_every_n_epoch",
+        "default_root_dir",
+    ):
+        assert getattr(trainer, name) == t[name], name
+    assert trainer.num_devices == t["devices"]
+    on_cpu = t["accelerator"] == "cpu" or (t["accelerator"] == "auto" and not torch.cuda.is_available())
+    assert not on_cpu or isinstance(trainer.accelerator, CPUAccelerator)
+    timers = [c._duration for c in trainer.callbacks if isinstance(c, Timer)]
+    if t["max_time"] is None:
+        assert timers == []
+    else:
+        d, h, m, s = (int(x) for x in t["max_time"].split(":"))
+        assert timers == [((d * 24 + h) * 60 + m) * 60 + s]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_builds_its_data_and_model(experiment, tmp_path):
-    cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"])
-    dm = instantiate(cfg.data)
-    dm.check_sizes()
-    model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
+def test_experiment_builds_what_its_config_says(experiment, tmp_path, cache_dir):
+    cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    dm, model, trainer = build(cfg)
     assert model.net.vocab_size == len(dm.vocab)
-    trainer = instantiate(cfg.trainer, logger=False)
-    assert trainer.max_epochs == cfg.trainer.max_epochs
+    assert_model_is_the_config(model, cfg.model, dm.vocab.to_dict())
+    assert_data_is_the_config(dm, cfg.data)
+    assert (dm.cache_dir, dm.seed) == (str(cache_dir), cfg.seed)
+    assert_trainer_is_the_config(trainer, cfg.trainer)
+    (shown,) = [c for c in trainer.callbacks if isinstance(c, TextSample)]
+    assert (shown.prompt, shown.length, shown.seed) == (
+        cfg.callbacks.text_sample.prompt,
+        cfg.callbacks.text_sample.length,
+        cfg.seed,
+    )
 
 
-def test_d2l_preset_is_the_d2l_recipe(tmp_path):
-    cfg = compose_train(["experiment=d2l_deep_gru", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"])
+def test_d2l_preset_is_the_d2l_recipe(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=d2l_deep_gru", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
     m, d = cfg.model, cfg.data
     assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.optimizer, m.lr) == ("gru", 2, 32, 0, "sgd", 2.0)
     assert (d.batch_size, d.seq_len, d.preprocess, cfg.trainer.gradient_clip_val) == (1024, 32, "d2l", 1.0)
@@ -32,10 +127,101 @@ def test_d2l_preset_is_the_d2l_recipe(tmp_path):
     assert len(dm.vocab) == 28
 
 
-@pytest.mark.parametrize("preset", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_cpu", "logger=none"])
-def test_other_groups_compose(preset, tmp_path):
-    cfg = compose_train([preset, f"paths.output_dir={tmp_path}"])
-    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+# ---- one default, typed once in Python: the default run is CharLM(vocab) on CharDataModule(path) ----
+
+
+def test_the_default_run_builds_charlm_with_no_settings(tmp_path, cache_dir):
+    """``charlm-train`` with no overrides builds ``CharLM(vocab)``: same hyperparameters, same parameters."""
+    cfg = compose_train([f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    dm, configured, trainer = build(cfg)
+    vocab = dm.vocab.to_dict()
+    bare = CharLM(vocab)
+    assert dict(configured.hparams) == dict(bare.hparams)
+    assert configured.rnn_cfg == bare.rnn_cfg == RNNConfig() and configured.optim_cfg == bare.optim_cfg == OptimConfig()
+    shapes = [(name, p.shape) for name, p in bare.named_parameters()]
+    assert [(name, p.shape) for name, p in configured.named_parameters()] == shapes
+    assert_model_is_the_config(bare, cfg.model, vocab)
+    assert_trainer_is_the_config(trainer, cfg.trainer)
+
+
+def test_the_default_data_is_a_datamodule_with_no_settings(tmp_path):
+    cfg = compose_train([f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"])
+    assert cfg.data.path == str(DATA_DIR / "timemachine.txt")
+    assert_data_is_the_config(CharDataModule(cfg.data.path), cfg.data)
+
+
+def test_the_default_run_is_the_one_the_readme_measured(tmp_path):
+    """README, results: "default: 2x256 LSTM, dropout 0.3, AdamW 4e-3 with warm-up and cosine, batch 32 x 64,
+    30 epochs" on The Time Machine. A changed default in RNNConfig, OptimConfig or CharDataModule changes that run."""
+    cfg = compose_train([f"paths.output_dir={tmp_path}"])
+    m, d = cfg.model, cfg.data
+    assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.dropout) == ("lstm", 2, 256, None, 0.3)
+    assert (m.optimizer, m.lr, m.scheduler, m.warmup_steps, m.min_lr) == ("adamw", 0.004, "cosine", 20, 0.0)
+    assert (d.batch_size, d.seq_len, d.eval_batch_size, d.sampling, d.preprocess) == (32, 64, 16, "tbptt", "none")
+    assert list(d.splits) == [0.9, 0.05, 0.05] and Path(d.path).name == "timemachine.txt"
+    assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.trainer.max_time) == (30, 1.0, None)
+
+
+def test_every_sampler_uses_the_sampling_defaults(tmp_path):
+    """charlm-generate, the TensorBoard sample and the sample printed after training all draw with
+    SamplingConfig()'s temperature, top_k and top_p unless told otherwise."""
+    default = asdict(SamplingConfig())
+    generate_cfg = compose_generate([])
+    assert {name: generate_cfg[name] for name in default} == default
+    assert TextSample().sampling == SamplingConfig()
+    train_cfg = compose_train([f"paths.output_dir={tmp_path}"])
+    assert instantiate(train_cfg.callbacks.text_sample).sampling == SamplingConfig()
+    told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9"])
+    assert {name: told[name] for name in default} == {"temperature": 0.5, "top_k": 3, "top_p": 0.9}
+
+
+# ---- the other groups ----
+
+PRESETS = {  # what each conf/trainer/*.yaml says it sets
+    "default": {"accelerator": "auto", "devices": 1, "strategy": None},
+    "cpu": {"accelerator": "cpu", "devices": 1, "strategy": None},
+    "gpu": {"accelerator": "gpu", "devices": 1, "strategy": None},
+    "ddp": {"accelerator": "gpu", "devices": -1, "strategy": "ddp"},  # every visible GPU
+    "ddp_cpu": {"accelerator": "cpu", "devices": 2, "strategy": "gloo"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_trainer_presets_set_what_they_claim(preset, tmp_path):
+    cfg = compose_train([f"trainer={preset}", f"paths.output_dir={tmp_path}"])
+    t, claim = cfg.trainer, PRESETS[preset]
+    assert t._target_ == "pytorch_lightning.Trainer"
+    assert (t.accelerator, t.devices) == (claim["accelerator"], claim["devices"])
+    strategy = t.get("strategy")
+    if claim["strategy"] == "gloo":
+        assert strategy._target_ == "pytorch_lightning.strategies.DDPStrategy"
+        assert strategy.process_group_backend == "gloo"
+    else:
+        assert strategy == claim["strategy"]
+    # The rest is the default preset's (clipping, epochs, precision ...).
+    default = plain(compose_train([f"paths.output_dir={tmp_path}"]).trainer)
+    rest = {k: v for k, v in plain(t).items() if k not in ("accelerator", "devices", "strategy", "precision")}
+    assert rest == {k: v for k, v in default.items() if k not in ("accelerator", "devices", "strategy", "precision")}
+    if claim["accelerator"] == "gpu" and not torch.cuda.is_available():
+        return  # a GPU Trainer cannot be built here; the composed values above are what it would get
+    trainer = instantiate(t, logger=False)
+    if claim["devices"] != -1:
+        assert_trainer_is_the_config(trainer, t)
+    if claim["strategy"] is not None:
+        assert isinstance(trainer.strategy, DDPStrategy)
+    if claim["strategy"] == "gloo":
+        assert trainer.strategy.process_group_backend == "gloo" and trainer.num_devices == 2
+        assert isinstance(trainer.accelerator, CPUAccelerator)
+
+
+def test_logger_none_builds_a_run_without_a_logger_or_its_lr_monitor(corpus, tmp_path):
+    cfg = compose_train(tiny_overrides(corpus, tmp_path / "run", "logger=none"))
+    assert plain(cfg.logger) == {}
+    _, _, trainer = build(cfg)
+    assert trainer.loggers == [] and not [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+    _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "tb")))
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["TensorBoardLogger"]
+    assert [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
 
 
 def test_multirun_sweep_trains_each_point(tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,16 @@ def test_whitespace_only_corpus_is_empty(tmp_path):
     for load in (read_corpus, lambda p: load_tokens(p, cache_dir=tmp_path / "cache")):
         with pytest.raises(UserError, match="is empty"):
             load(corpus)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "data.batch_size=0 must be a positive integer"),
+        ({"seq_len": 2.5}, "data.seq_len=2.5 must be a positive integer"),
+        ({"eval_batch_size": "abc"}, "data.eval_batch_size='abc' must be a positive integer"),
+    ],
+)
+def test_bad_batch_shapes_are_one_line_errors(kwargs, match, tmp_path):
+    with pytest.raises(UserError, match=re.escape(match)):
+        CharDataModule(str(tmp_path / "x.txt"), **kwargs)

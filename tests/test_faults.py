@@ -18,14 +18,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import generate
 from charlm import Diverged, UserError, __version__, user_error_in
 from charlm.callbacks import LastCheckpoint, NonFiniteGuard
 from charlm.checkpoint import FORMAT, AtomicCheckpointIO
+from charlm.cli import sample, train
+from charlm.config import build
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import sample_text
+from charlm.sampling import SamplingConfig, sample_text
 from tests.conftest import ROOT, assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
-from train import build, train
 
 GOLDEN = ROOT / "tests/golden/v0.1.0.ckpt"
 # What tests/golden/v0.1.0.ckpt (written by charlm 0.1.0, commit 18d7760) samples after "abc " at temperature 0.
@@ -230,6 +230,7 @@ def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(run_
         "trainer.max_epochs=2",
         "logger=none",
         "callbacks.last_checkpoint.every_n_train_steps=10",
+        "callbacks.last_checkpoint.every_n_minutes=0",  # by step only, however slow the machine
         "+callbacks.nan._target_=tests.probe.NanGradAt",
         "+callbacks.nan.step=95",
         f"hydra.run.dir={out}",
@@ -288,8 +289,8 @@ def test_diverged_is_reported_with_exit_code_3():
 
 def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_path):
     model = load_checkpoint(GOLDEN).eval()
-    assert sample_text(model.net, model.vocab, "abc ", 60, temperature=0)[0] == GOLDEN_SAMPLE
-    (text,) = generate.run(compose_generate([f"ckpt={GOLDEN}", "prompt='abc '", "length=60", "temperature=0"]))
+    assert sample_text(model.net, model.vocab, "abc ", 60, SamplingConfig(temperature=0))[0] == GOLDEN_SAMPLE
+    (text,) = sample(compose_generate([f"ckpt={GOLDEN}", "prompt='abc '", "length=60", "temperature=0"]))
     assert text == GOLDEN_SAMPLE
     _, corpus = run_dir  # the same tiny text the golden checkpoint was trained on
     arch = ["model.hidden_size=16", "model.num_layers=1", "trainer.max_epochs=2", "logger=none", "test=false"]
@@ -348,7 +349,7 @@ def test_generate_says_what_to_fix(run_dir, tmp_path):
         cases.append(([f"ckpt='{tmp_path}/{text}.ckpt'"], "is not a checkpoint"))
     for args, match in cases:
         with pytest.raises(UserError, match=match):
-            generate.run(compose_generate(args))
+            sample(compose_generate(args))
 
 
 def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rate(run_dir, tmp_path):

@@ -1,13 +1,15 @@
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from charlm import UserError
-from charlm.model import CELLS, RNNStack
+from charlm.model import CELLS, RNNConfig, RNNStack
 from charlm.module import CharLM
 from charlm.vocab import CharVocab
+from tests.conftest import rnn
 
 V = 40
 
@@ -19,7 +21,7 @@ def rand_state(net: RNNStack, batch: int) -> torch.Tensor:
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_at_initialisation_is_ln_vocab(cell):
     torch.manual_seed(0)
-    net = RNNStack(V, cell, num_layers=2, hidden_size=64)
+    net = rnn(V, cell=cell, num_layers=2, hidden_size=64, dropout=0.0)
     x = torch.randint(0, V, (8, 50))
     logits, _ = net(x)
     loss = F.cross_entropy(logits.reshape(-1, V), torch.randint(0, V, (8 * 50,)))
@@ -32,7 +34,7 @@ def test_tiny_text_overfits_to_near_zero_loss(cell):
     text = "the quick brown fox jumps over the lazy dog; " * 3
     vocab = CharVocab.from_text(text)
     ids = torch.from_numpy(vocab.encode(text).astype("int64"))[None]  # [1, N]
-    net = RNNStack(len(vocab), cell, num_layers=2, hidden_size=64)
+    net = rnn(len(vocab), cell=cell, num_layers=2, hidden_size=64, dropout=0.0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(150):
         logits, _ = net(ids[:, :-1])
@@ -46,7 +48,7 @@ def test_tiny_text_overfits_to_near_zero_loss(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_future_characters_never_change_past_logits(cell):
     torch.manual_seed(0)
-    net = RNNStack(V, cell, num_layers=2, hidden_size=32).eval()
+    net = rnn(V, cell=cell, num_layers=2, hidden_size=32).eval()
     x = torch.randint(0, V, (3, 20))
     for t in (0, 7, 18):
         x2 = x.clone()
@@ -59,7 +61,7 @@ def test_future_characters_never_change_past_logits(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_carried_state_makes_two_halves_equal_the_whole(cell):
     torch.manual_seed(0)
-    net = RNNStack(V, cell, num_layers=3, hidden_size=32).eval()
+    net = rnn(V, cell=cell, num_layers=3, hidden_size=32).eval()
     x, s0 = torch.randint(0, V, (4, 30)), rand_state(net, 4)
     whole, s_whole = net(x, s0)
     first, s_half = net(x[:, :13], s0)
@@ -93,7 +95,7 @@ def test_dropout_never_touches_the_recurrent_path(cell, num_layers, impl, locked
     result differ from the replay; every recorded dropout must act on a whole [B, T, .] sequence.
     """
     torch.manual_seed(0)
-    net = RNNStack(V, cell, num_layers=num_layers, hidden_size=32, dropout=0.5, impl=impl, locked_dropout=locked)
+    net = rnn(V, cell=cell, num_layers=num_layers, hidden_size=32, dropout=0.5, impl=impl, locked_dropout=locked)
     x, s0 = torch.randint(0, V, (4, 12)), rand_state(net, 4)
     recorded = []
     hook = net.drop.register_forward_hook(lambda m, i, o: recorded.append((i[0], o.detach().clone())))
@@ -117,20 +119,20 @@ def test_dropout_never_touches_the_recurrent_path(cell, num_layers, impl, locked
 
 def test_eval_mode_has_no_dropout():
     torch.manual_seed(0)
-    net = RNNStack(V, "lstm", 2, 32, dropout=0.5).eval()
+    net = rnn(V, cell="lstm", num_layers=2, hidden_size=32, dropout=0.5).eval()
     x = torch.randint(0, V, (2, 10))
     assert torch.equal(net(x)[0], net(x)[0])
 
 
 def test_one_hot_input_and_tied_weights():
-    net = RNNStack(V, "gru", 2, 32, embedding_size=0)
+    net = rnn(V, cell="gru", num_layers=2, hidden_size=32, embedding_size=0)
     assert net.embedding is None and net.layers[0].input_size == V
-    tied = RNNStack(V, "lstm", 2, 32, tie_weights=True)
+    tied = rnn(V, cell="lstm", num_layers=2, hidden_size=32, tie_weights=True)
     assert tied.decoder.weight is tied.embedding.weight
 
 
 def test_init_scale_is_uniform_within_bounds():
-    net = RNNStack(V, "lstm", 2, 32, init_scale=0.05)
+    net = rnn(V, cell="lstm", num_layers=2, hidden_size=32, init_scale=0.05)
     for p in net.parameters():
         assert p.abs().max() <= 0.05 and p.abs().max() > 0.04
 
@@ -138,24 +140,41 @@ def test_init_scale_is_uniform_within_bounds():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"dropout": 1.0}, "dropout"),
-        ({"dropout": -0.1}, "dropout"),
-        ({"num_layers": 0}, "num_layers"),
-        ({"cell": "transformer"}, "cell"),
-        ({"tie_weights": True, "embedding_size": 16}, "tie_weights"),
-        ({"init_scale": -1.0}, "init_scale"),
-        ({"hidden_size": 0}, "hidden_size"),
+        ({"dropout": 1.0}, "model.dropout=1.0 must be in [0, 1); e.g. model.dropout=0.2."),
+        ({"dropout": -0.1}, "model.dropout=-0.1 must be in [0, 1)"),
+        ({"num_layers": 0}, "model.num_layers=0 must be a whole number >= 1; e.g. model.num_layers=2."),
+        ({"num_layers": 1.5}, "model.num_layers=1.5 must be a whole number >= 1"),
+        ({"hidden_size": 0}, "model.hidden_size=0 must be a whole number >= 1"),
+        ({"embedding_size": -1}, "model.embedding_size=-1 must be >= 0"),
+        ({"cell": "transformer"}, "model.cell='transformer' is not a known cell; use one of lstm, gru, rnn_tanh"),
+        ({"tie_weights": True, "embedding_size": 16}, "model.tie_weights needs embedding_size == hidden_size"),
+        ({"init_scale": -1.0}, "model.init_scale=-1.0 must be positive"),
+        ({"cell": ["lstm"]}, "model.cell=['lstm'] is not a known cell"),
+        ({"locked_dropout": "no"}, "model.locked_dropout='no' must be true or false."),
     ],
 )
 def test_bad_hyperparameters_are_rejected_with_the_fix(kwargs, match):
-    with pytest.raises(UserError, match=match):
-        RNNStack(V, **kwargs)
+    """RNNConfig checks itself on construction: one sentence naming the model.* setting and the fix."""
+    with pytest.raises(UserError, match=re.escape(match)):
+        RNNConfig(**kwargs)
+    with pytest.raises(UserError, match=re.escape(match)):
+        CharLM(CharVocab.from_text("ab").to_dict(), **kwargs)  # the same check, through the LightningModule
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"optimizer": "rmsprop"}, "optimizer"), ({"scheduler": "linear"}, "scheduler"), ({"lr": 0}, "lr")],
+    [
+        ({"optimizer": "rmsprop"}, "model.optimizer='rmsprop' is not known; use one of sgd, adam, adamw."),
+        ({"scheduler": "linear"}, "model.scheduler='linear' is not known"),
+        ({"lr": 0}, "model.lr=0 must be a positive finite number"),
+        ({"momentum": 1.0}, "model.momentum=1.0 must be in [0, 1)"),
+        ({"betas": [0.9]}, "model.betas=[0.9] must be two numbers in [0, 1)"),
+        ({"betas": 0.9}, "model.betas=0.9 must be two numbers in [0, 1)"),
+        ({"momentum": "x"}, "model.momentum='x' must be a number; e.g. model.momentum=0.0."),
+        ({"warmup_steps": -1}, "model.warmup_steps=-1 must be a whole number >= 0."),
+        ({"hiden_size": 64}, "model.hiden_size is not a model setting; use one of betas, cell,"),
+    ],
 )
 def test_bad_optimisation_settings_are_rejected(kwargs, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=re.escape(match)):
         CharLM(CharVocab.from_text("ab").to_dict(), **kwargs)

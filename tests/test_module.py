@@ -8,14 +8,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from charlm import UserError
+from charlm.cli import train
+from charlm.config import build
 from charlm.data import StreamBatches
 from charlm.module import CharLM
+from charlm.optim import WarmupCosineLR
 from charlm.vocab import CharVocab
 from tests.conftest import compose_train, tiny_overrides
-from train import train
 
 
 def test_epoch_metrics_are_token_weighted_not_a_mean_of_batches():
@@ -84,16 +88,121 @@ def test_zaremba_step_decay_and_cosine_with_warmup(corpus, tmp_path):
     assert lrs[-1] < 0.0015 and lrs[-1] >= 0.001  # annealed to the floor by the last step
 
 
-def test_cosine_follows_the_wall_clock_under_max_time(corpus, tmp_path):
-    """With only trainer.max_time to end the run, cosine anneals by elapsed time: ~lr at the start, ~min_lr at
-    the end, however many steps fit (5-minute recipes rely on this)."""
-    out = tmp_path / "timed"
-    extra = ["test=false", "sample_length=0", "trainer.max_epochs=-1", "trainer.log_every_n_steps=1"]
-    timed = ["trainer.max_time=00:00:00:06", "model.scheduler=cosine", "model.lr=0.01", "model.min_lr=0.0001"]
-    timed.append("model.warmup_steps=0")
-    train(compose_train(tiny_overrides(corpus, out, *extra, *timed)))
-    lrs = lr_curve(out)
-    assert len(lrs) > 20
-    assert lrs[0] > 0.009 and lrs[-1] < 0.002  # the whole cosine, start to end, within the time budget
-    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))  # monotone: no restart, no jump
-    assert lrs[len(lrs) // 2] < 0.0095  # and it moved during the run, not only at the end
+class FakeClock:
+    """What Lightning's Timer tells the schedule: (seconds elapsed, seconds remaining) of a ``budget_s`` run."""
+
+    def __init__(self, budget_s: float):
+        self.now, self.budget_s = 0.0, budget_s
+
+    def __call__(self) -> tuple[float, float]:
+        return self.now, self.budget_s - self.now
+
+
+def timed_cosine(clock: FakeClock, warmup_steps: int = 0, total_steps: float = math.inf) -> WarmupCosineLR:
+    """lr 0.01 annealed to min_lr 0.0001 (floor 0.01), as CharLM builds it under trainer.max_time."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    return WarmupCosineLR(opt, warmup_steps, total_steps, floor=0.01, cosine=True, clock=clock)
+
+
+def lr_of(sched: WarmupCosineLR) -> float:
+    return sched.optimizer.param_groups[0]["lr"]
+
+
+def advance(sched: WarmupCosineLR, clock: FakeClock, steps: int, seconds: float) -> None:
+    """``steps`` optimizer steps spread evenly over ``seconds`` of the clock."""
+    for _ in range(steps):
+        clock.now += seconds / steps
+        sched.optimizer.step()
+        sched.step()
+
+
+def test_cosine_follows_the_clock_under_max_time_however_many_steps_fit():
+    """With only trainer.max_time to end the run (total_steps = inf), cosine anneals by elapsed time: ~lr after
+    warm-up, half way at half the time after warm-up, min_lr at the end, whether 10 or 1,000 steps fit
+    (5-minute recipes rely on this)."""
+    curves = {}
+    for steps_per_phase in (10, 1000):
+        clock = FakeClock(budget_s=110.0)
+        sched = timed_cosine(clock, warmup_steps=5)
+        lrs = [lr_of(sched)]
+        for _ in range(5):  # warm-up: by steps, 2 s each
+            advance(sched, clock, 1, 2.0)
+            lrs.append(lr_of(sched))
+        assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])
+        assert lrs[5] == pytest.approx(0.01) and sched.warmup_end_s == 10.0  # the cosine starts where warm-up ended
+        advance(sched, clock, steps_per_phase, 50.0)  # half of the 100 s left after warm-up
+        half = lr_of(sched)
+        advance(sched, clock, steps_per_phase, 50.0)  # the whole budget
+        end = lr_of(sched)
+        advance(sched, clock, 3, 0.0)  # Lightning may step once more after the Timer stops the run
+        curves[steps_per_phase] = (half, end, lr_of(sched))
+    for half, end, after in curves.values():
+        assert half == pytest.approx(0.0001 + (0.01 - 0.0001) / 2)
+        assert end == pytest.approx(0.0001) and after == pytest.approx(0.0001)
+    assert curves[10] == pytest.approx(curves[1000])  # independent of the number of steps
+
+
+def test_cosine_under_max_time_takes_the_further_of_steps_and_clock():
+    """A run that ends by max_steps before max_time anneals by steps; one that ends by time, by the clock."""
+    clock = FakeClock(budget_s=1000.0)
+    by_steps = timed_cosine(clock, total_steps=20)
+    advance(by_steps, clock, 10, 1.0)  # half the steps, 1 % of the time
+    assert lr_of(by_steps) == pytest.approx(0.0001 + (0.01 - 0.0001) / 2)
+    clock = FakeClock(budget_s=100.0)
+    by_time = timed_cosine(clock, total_steps=1_000_000)
+    advance(by_time, clock, 10, 50.0)  # half the time, a thousandth of the steps
+    assert lr_of(by_time) == pytest.approx(0.0001 + (0.01 - 0.0001) / 2)
+
+
+def test_cosine_clock_state_round_trips_through_a_checkpoint(tmp_path):
+    """The clock reading when warm-up ended is state: a resumed run (whose Timer resumes the elapsed time) goes on
+    with the same schedule, and the checkpoint loads with weights_only."""
+    clock = FakeClock(budget_s=100.0)
+    sched = timed_cosine(clock, warmup_steps=2)
+    advance(sched, clock, 2, 6.0)
+    advance(sched, clock, 4, 20.0)
+    assert sched.warmup_end_s == 6.0 and "clock" not in sched.state_dict() and "optimizer" not in sched.state_dict()
+    torch.save(sched.state_dict(), tmp_path / "sched.pt")
+    saved = torch.load(tmp_path / "sched.pt", weights_only=True)
+
+    resumed_clock = FakeClock(budget_s=100.0)
+    resumed_clock.now = clock.now  # Lightning's Timer restores its elapsed time
+    resumed = timed_cosine(resumed_clock, warmup_steps=2)
+    resumed.load_state_dict(saved)
+    assert resumed.warmup_end_s == 6.0 and resumed.last_epoch == sched.last_epoch and resumed.clock is resumed_clock
+    advance(sched, clock, 5, 30.0)
+    advance(resumed, resumed_clock, 5, 30.0)
+    assert lr_of(resumed) == pytest.approx(lr_of(sched))
+    assert lr_of(sched) == pytest.approx(0.0001 + (0.01 - 0.0001) * 0.5 * (1 + math.cos(math.pi * 50 / 94)))
+    # without the saved warm-up end, the clock reading at the first resumed step would restart the cosine
+    fresh_clock = FakeClock(budget_s=100.0)
+    fresh_clock.now = 56.0
+    fresh = timed_cosine(fresh_clock, warmup_steps=2)
+    fresh.load_state_dict({k: v for k, v in saved.items() if k != "warmup_end_s"} | {"warmup_end_s": None})
+    advance(fresh, fresh_clock, 5, 30.0)
+    assert lr_of(fresh) != pytest.approx(lr_of(sched))
+
+
+def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_path):
+    """End to end without timing anything: trainer.max_time (and no step limit) makes CharLM's cosine read the
+    Timer callback, (elapsed, remaining) = (0, the budget) before training starts; without max_time it has no
+    clock, and an endless run without one is refused."""
+    extra = ["trainer.max_epochs=-1", "model.scheduler=cosine", "logger=none", "callbacks=no_logger"]
+    _, model, trainer = build(
+        compose_train(tiny_overrides(corpus, tmp_path / "t", *extra, "trainer.max_time=00:00:01:30"))
+    )
+    model.trainer = trainer
+    sched = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(sched, WarmupCosineLR) and sched.total_steps == math.inf and sched.clock is not None
+    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    assert sched.clock() == (0.0, 90.0) and timer.time_remaining() == 90.0
+
+    _, model, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "s", "trainer.max_steps=50")))
+    model.trainer = trainer
+    sched = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert sched.clock is None and sched.total_steps == 50
+
+    _, model, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "e", *extra)))
+    model.trainer = trainer
+    with pytest.raises(UserError, match="model.scheduler=cosine needs a finite run"):
+        model.configure_optimizers()

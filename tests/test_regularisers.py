@@ -5,6 +5,7 @@ import torch
 
 from charlm import UserError
 from charlm.model import CELLS, RNNStack
+from tests.conftest import rnn
 
 V = 13
 OPTIONS = {
@@ -17,8 +18,8 @@ OPTIONS = {
 
 def build(seed: int = 0, **kw) -> RNNStack:
     torch.manual_seed(seed)
-    kw = {"cell": "lstm", "num_layers": 2, "hidden_size": 16} | kw
-    return RNNStack(V, **kw)
+    kw = {"cell": "lstm", "num_layers": 2, "hidden_size": 16, "dropout": 0.0} | kw
+    return rnn(V, **kw)
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -1,18 +1,21 @@
+import re
+
 import pytest
 import torch
 
 from charlm import UserError
-from charlm.model import RNNStack
-from charlm.sampling import generate, next_token, sample_text
+from charlm.sampling import SamplingConfig, Stepper, generate, next_token, sample_text, start_ids
 from charlm.vocab import CharVocab
+from tests.conftest import rnn
 
 VOCAB = CharVocab.from_text("abcdefghij ", unk="?")
+GREEDY = SamplingConfig(temperature=0)
 
 
 @pytest.fixture
 def net():
     torch.manual_seed(0)
-    return RNNStack(len(VOCAB), "lstm", 2, 32).eval()
+    return rnn(len(VOCAB), cell="lstm", num_layers=2, hidden_size=32).eval()
 
 
 def naive_greedy(net, ids: list[int], length: int) -> list[int]:
@@ -26,13 +29,13 @@ def naive_greedy(net, ids: list[int], length: int) -> list[int]:
 
 def test_stateful_generation_equals_refeeding_the_context(net):
     prompt = "abc def"
-    fast = torch.stack(list(generate(net, VOCAB, prompt, 40, temperature=0)), 1)[0].tolist()
+    fast = torch.stack(list(generate(net, VOCAB, prompt, 40, GREEDY)), 1)[0].tolist()
     assert fast == naive_greedy(net, VOCAB.encode(prompt).tolist(), 40)
 
 
 def test_batched_samples_match_single_runs_and_are_reproducible(net):
-    greedy = sample_text(net, VOCAB, "ab", 30, temperature=0, num_samples=3)
-    assert len(set(greedy)) == 1 and greedy[0] == sample_text(net, VOCAB, "ab", 30, temperature=0)[0]
+    greedy = sample_text(net, VOCAB, "ab", 30, GREEDY, num_samples=3)
+    assert len(set(greedy)) == 1 and greedy[0] == sample_text(net, VOCAB, "ab", 30, GREEDY)[0]
     a = sample_text(net, VOCAB, "ab", 30, num_samples=4, generator=torch.Generator().manual_seed(1))
     b = sample_text(net, VOCAB, "ab", 30, num_samples=4, generator=torch.Generator().manual_seed(1))
     assert a == b and len(set(a)) > 1  # same seed, same text; samples in a batch differ
@@ -67,23 +70,72 @@ def test_low_temperature_sharpens():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"length": -1}, "length"),
-        ({"temperature": -1.0}, "temperature"),
-        ({"top_k": -2}, "top_k"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"num_samples": 0}, "num_samples"),
+        ({"length": -1}, "length=-1 must be a whole number >= 0"),
+        ({"length": 2.5}, "length=2.5 must be a whole number"),
+        ({"num_samples": 0}, "num_samples=0 must be a whole number >= 1"),
         ({"prompt": "xyz"}, "not in the vocab"),
+        ({"unknown": "ignore"}, "not a policy"),
     ],
 )
-def test_bad_sampling_arguments_fail_before_any_output(net, kwargs, match):
-    with pytest.raises(UserError, match=match):
+def test_bad_generation_arguments_fail_before_any_output(net, kwargs, match):
+    with pytest.raises(UserError, match=re.escape(match)):
         generate(net, VOCAB, **{"prompt": "ab", **kwargs})  # raised on the call, not on the first next()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": -1.0}, "temperature=-1.0 must be >= 0"),
+        ({"temperature": float("nan")}, "temperature=nan must be a finite number"),
+        ({"top_k": -2}, "top_k=-2 must be a whole number >= 0"),
+        ({"top_k": 1.5}, "top_k=1.5 must be a whole number >= 0"),
+        ({"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
+        ({"temperature": True}, "temperature=True must be a finite number"),
+    ],
+)
+def test_bad_sampling_settings_are_refused_on_construction(kwargs, match):
+    with pytest.raises(UserError, match=re.escape(match)):
+        SamplingConfig(**kwargs)
+
+
 def test_unknown_prompt_characters_policies(net):
-    (skipped,) = sample_text(net, VOCAB, "aXb", 5, temperature=0, unknown="skip")
-    (as_unk,) = sample_text(net, VOCAB, "aXb", 5, temperature=0, unknown="unk")
-    assert skipped.startswith("aXb") and as_unk.startswith("aXb")
+    """``error`` names the character; ``skip`` feeds the prompt without it; ``unk`` feeds the unk id in its place.
+    What reaches the network decides the continuation, so each policy must sample what its prompt ids sample."""
+    a, b, unk = (VOCAB.chars.index(c) for c in "ab?")
+    assert VOCAB.encode("aXb", unknown="skip").tolist() == start_ids(VOCAB, "aXb", "skip") == [a, b]
+    assert VOCAB.encode("aXb", unknown="unk").tolist() == start_ids(VOCAB, "aXb", "unk") == [a, unk, b]
+    for refuse in (lambda: VOCAB.encode("aXb"), lambda: generate(net, VOCAB, "aXb", 5)):
+        with pytest.raises(UserError, match="not in the vocab: 'X'"):
+            refuse()
+    with pytest.raises(UserError, match="unk character"):
+        generate(net, CharVocab.from_text("abcdefghij "), "aXb", 5, unknown="unk")  # a vocab without unk
+
+    fed, first = [], []  # per generation: the prompt batch [N, P] and the logits [N, V] of the first new character
+
+    def record(module, args, out) -> None:
+        fed.append(args[0])
+        first.append(out[0][:, -1])
+
+    hook = net.register_forward_hook(record)
+    sampled = {}
+    for prompt, policy in (("aXb", "skip"), ("ab", "error"), ("aXb", "unk"), ("a?b", "error")):
+        ids = generate(net, VOCAB, prompt, 40, SamplingConfig(temperature=1.0), unknown=policy, generator=seeded())
+        sampled[prompt, policy] = torch.stack(list(ids), 1)[0].tolist()
+    hook.remove()
+    assert [x.tolist() for x in fed] == [[[a, b]], [[a, b]], [[a, unk, b]], [[a, unk, b]]]
+    # skip continues as if X was never typed, unk as if "?" was, and the two states differ
+    assert sampled["aXb", "skip"] == sampled["ab", "error"] and sampled["aXb", "unk"] == sampled["a?b", "error"]
+    assert torch.equal(first[0], first[1]) and torch.equal(first[2], first[3])
+    assert not torch.allclose(first[0], first[2])
+    # the text keeps the prompt as typed, whatever the policy
+    for policy in ("skip", "unk"):
+        (text,) = sample_text(net, VOCAB, "aXb", 5, GREEDY, unknown=policy)
+        assert text.startswith("aXb") and len(text) == 8
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize(
@@ -99,8 +151,8 @@ def test_unknown_prompt_characters_policies(net):
 )
 def test_fast_step_equals_a_one_character_forward(kw):
     torch.manual_seed(0)
-    net = RNNStack(len(VOCAB), **({"num_layers": 2, "hidden_size": 24} | kw)).eval()
-    step = net.stepper()
+    net = rnn(len(VOCAB), **({"num_layers": 2, "hidden_size": 24} | kw)).eval()
+    step = Stepper(net)
     ids = torch.tensor([0, 5, 9])
     state = torch.randn(net.state_slots, net.num_layers, 3, 24)
     with torch.no_grad():
@@ -114,13 +166,13 @@ def test_generation_gives_the_same_text_as_stepping_the_forward_pass(net):
     """generate() steps through the cell equations; stepping net.forward one character at a time (the slow
     path it replaced) must produce the very same sampled characters."""
     prompt, length = "abc", 300
-    fast = torch.stack(list(generate(net, VOCAB, prompt, length, generator=torch.Generator().manual_seed(3))), 1)
-    g = torch.Generator().manual_seed(3)
+    fast = torch.stack(list(generate(net, VOCAB, prompt, length, generator=seeded(3))), 1)  # SamplingConfig()
+    g = seeded(3)
     slow = []
     with torch.no_grad():
         logits, state = net(torch.tensor([VOCAB.encode(prompt).tolist()]))
         for _ in range(length):
-            ids = next_token(logits[:, -1], 1.0, generator=g)
+            ids = next_token(logits[:, -1], SamplingConfig().temperature, generator=g)
             slow.append(ids)
             logits, state = net(ids[:, None], state)
     assert fast[0].tolist() == torch.stack(slow, 1)[0].tolist()

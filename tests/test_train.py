@@ -1,4 +1,4 @@
-"""The real train() and generate entry points, end to end, on a tiny corpus and model."""
+"""The real train() and sample() entry points (charlm.cli), end to end, on a tiny corpus and model."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-import generate
 from charlm import UserError
+from charlm.cli import sample, train
 from charlm.module import CharLM, load_checkpoint
 from tests.conftest import assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
-from train import train
 
 
 def sha(path: Path) -> str:
@@ -77,10 +76,10 @@ def test_checkpoint_loads_without_hydra_and_carries_the_vocab(trained):
 def test_generate_streams_prompt_plus_length(trained, capsys):
     out, _, _ = trained
     cfg = compose_generate([f"ckpt={out}/checkpoints/best.ckpt", "prompt='abc '", "length=57", "seed=3"])
-    (text,) = generate.run(cfg)
+    (text,) = sample(cfg)
     printed = capsys.readouterr().out
     assert printed == text + "\n" and text.startswith("abc ") and len(text) == 4 + 57
-    texts = generate.run(
+    texts = sample(
         compose_generate(
             [f"ckpt={out}/checkpoints/best.ckpt", "num_samples=3", "length=10", "prompt=ab", "temperature=0"]
         )
@@ -115,7 +114,7 @@ def test_checkpoint_switches_between_fused_and_scratch_without_conversion(traine
     x = torch.randint(0, len(fused.vocab), (2, 30))
     torch.testing.assert_close(scratch.eval()(x)[0], fused.eval()(x)[0], atol=1e-4, rtol=1e-4)
     texts = [
-        generate.run(compose_generate([f"ckpt={ckpt}", "prompt=ab", "length=40", "temperature=0", f"impl={impl}"]))
+        sample(compose_generate([f"ckpt={ckpt}", "prompt=ab", "length=40", "temperature=0", f"impl={impl}"]))
         for impl in ("fused", "scratch")
     ]
     assert texts[0] == texts[1]

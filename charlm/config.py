@@ -1,0 +1,167 @@
+"""The one assembly: where the configs live, the resolvers they use, ``compose(overrides)`` and ``build(cfg)``.
+
+``charlm-train`` / ``train.py``, ``charlm-generate`` / ``generate.py``, the benchmarks and the tests all compose
+and build through here, so a run in a test is the run a user gets.
+
+Importing this module registers what the configs need and nothing else: the ``${charlm_*:}`` resolvers and the
+``model/base``, ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults
+(``RNNConfig`` + ``OptimConfig``, ``CharDataModule``'s signature, ``SamplingConfig``) so that no yaml file
+restates a default; a group file lists only what it changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+
+from charlm import UserError
+from charlm.callbacks import NonFiniteGuard
+from charlm.checkpoint import AtomicCheckpointIO, check_run_dir
+from charlm.data import CharDataModule
+from charlm.model import RNNConfig
+from charlm.module import CharLM, load_checkpoint
+from charlm.optim import OptimConfig
+from charlm.sampling import SamplingConfig
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _shipped(in_package: str, in_checkout: str) -> Path:
+    """A wheel carries conf/ and data/ inside the package (see pyproject.toml); a checkout has them beside it."""
+    inside = PACKAGE / in_package
+    return inside if inside.is_dir() else PACKAGE.parent / in_checkout
+
+
+CONF_DIR = _shipped("conf", "conf")  # train.yaml, generate.yaml and the config groups
+DATA_DIR = _shipped("corpora", "data")  # the shipped corpora: timemachine.txt, tinyshakespeare.txt
+
+
+def fast_precision(accelerator: str = "auto") -> str:
+    """``bf16-mixed`` where the hardware runs bf16 natively (a CUDA GPU with bf16, or an x86 CPU with
+    AVX512-BF16 or AMX: ~1.8x faster LSTM training here), else ``32-true``: emulated bf16 would be slower."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return "bf16-mixed" if any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks) else "32-true"
+
+
+def run_id() -> str:
+    """HH-MM-SS-<microseconds>-<pid>: two runs started in the same second never share a directory."""
+    return f"{datetime.now():%H-%M-%S-%f}-{os.getpid()}"
+
+
+def model_defaults() -> dict:
+    """Every ``model.*`` setting with its Python default: the fields of RNNConfig and OptimConfig."""
+    return {**asdict(RNNConfig()), **asdict(OptimConfig()), "betas": list(OptimConfig.betas)}
+
+
+def data_defaults() -> dict:
+    """Every ``data.*`` setting with its Python default: CharDataModule's signature (path is required)."""
+    params = inspect.signature(CharDataModule.__init__).parameters.values()
+    return {p.name: MISSING if p.default is p.empty else p.default for p in params if p.name != "self"}
+
+
+OmegaConf.register_new_resolver("charlm_data", lambda: str(DATA_DIR), replace=True)
+OmegaConf.register_new_resolver("charlm_precision", fast_precision, replace=True)
+OmegaConf.register_new_resolver("charlm_run_id", run_id, replace=True, use_cache=True)
+_store = ConfigStore.instance()
+_store.store(
+    group="model", name="base", node={"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults()
+)
+_store.store(
+    group="data", name="base", node={"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults()
+)
+_store.store(name="sampling", node=asdict(SamplingConfig()))
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+    """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+# Checkpoint settings that fix the shapes of the weights: a resume must not change them.
+ARCHITECTURE = ("cell", "num_layers", "hidden_size", "embedding_size", "tie_weights", "layer_norm")
+
+
+def check_resume(path: str, dm: CharDataModule, model_cfg: DictConfig) -> None:
+    """Refuse, before training, a checkpoint that is missing, corrupt, newer than this charlm, diverged, or was
+    trained on another vocab or another architecture."""
+    saved = load_checkpoint(path)
+    if saved.vocab != dm.vocab:
+        raise UserError(f"checkpoint {path!r} was trained on a different vocab; resume with the same data config.")
+    for name in ARCHITECTURE:
+        if name in model_cfg and saved.hparams.get(name) != model_cfg[name]:
+            raise UserError(
+                f"checkpoint {path!r} has model.{name}={saved.hparams.get(name)} but this run asks for"
+                f" {model_cfg[name]}; resume with model.{name}={saved.hparams.get(name)} or drop ckpt_path."
+            )
+
+
+MAX_TIME = re.compile(r"\d+:\d\d:\d\d:\d\d")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Type-check the Trainer settings that Lightning only checks once training runs (after files are written)."""
+    t = cfg.trainer
+
+    def whole(name: str, minimum: int) -> None:
+        value = t.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise UserError(f"trainer.{name}={value!r} must be a whole number >= {minimum}; e.g. trainer.{name}=10.")
+
+    for name, minimum in (("max_epochs", -1), ("max_steps", -1), ("min_epochs", 0), ("log_every_n_steps", 1)):
+        whole(name, minimum)
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
+        value = t.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise UserError(f"trainer.{name}={value!r} must be a fraction (float) or a number of batches (int).")
+    clip = t.get("gradient_clip_val")
+    if clip is not None and (not isinstance(clip, int | float) or not math.isfinite(clip) or clip < 0):
+        raise UserError(f"trainer.gradient_clip_val={clip!r} must be a finite number >= 0 (0 or null: no clipping).")
+    max_time = t.get("max_time")
+    if isinstance(max_time, str) and not MAX_TIME.fullmatch(max_time.strip()):
+        raise UserError(f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; e.g. trainer.max_time=00:00:05:00.")
+
+
+def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
+    """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
+    anything is written."""
+    # Our datasets load in the main process and shard themselves by rank, so their __len__ is exact.
+    warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
+    # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_trainer(cfg)
+    dm = instantiate(cfg.data)
+    dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
+    if cfg.ckpt_path:
+        check_resume(cfg.ckpt_path, dm, cfg.model)
+    model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this script into rank 0's directory
+        check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir)
+    loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: logger=none alone must work
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(NonFiniteGuard(cfg.on_nonfinite))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    return dm, model, trainer
