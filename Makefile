@@ -11,7 +11,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(PIP_ARGS) "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[dev,bench,search]"
+	$(VENV)/bin/pip install --quiet -e ".[dev,bench,search,export]"
 	touch $@
 
 setup: $(VENV)/.installed

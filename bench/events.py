@@ -7,6 +7,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 
 from charlm import UserError
+from charlm.board import board_tag
 
 
 def event_dir(path: str | Path) -> Path:
@@ -29,7 +30,9 @@ class RunEvents:
         self.tags = set(self._acc.Tags()["scalars"])
 
     def scalars(self, tag: str) -> list[ScalarEvent]:
-        """The points of ``tag`` in step order; a UserError if the run never logged it."""
+        """The points of ``tag`` (a Lightning name such as ``val/bpc``, written as ``board_tag(tag)``; runs from
+        before charlm 0.2 wrote it as is) in step order; a UserError if the run never logged it."""
+        tag = board_tag(tag) if board_tag(tag) in self.tags else tag
         if tag not in self.tags:
             raise UserError(
                 f"the run in {str(self.dir)!r} logged no {tag!r} scalars; let it run past its first validation."

@@ -35,10 +35,11 @@ class TextSample(pl.Callback):
         temperature: float = SamplingConfig.temperature,
         top_k: int = SamplingConfig.top_k,
         top_p: float = SamplingConfig.top_p,
+        stop: str | None = SamplingConfig.stop,
         seed: int = 0,
     ):
         self.prompt, self.length, self.seed = prompt, length, seed
-        self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

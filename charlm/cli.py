@@ -7,7 +7,9 @@ and a non-zero exit.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
@@ -17,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import UserError, reported_user_errors
+from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build
 from charlm.module import STAGES, CharLM, load_checkpoint
@@ -44,13 +47,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run_test:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
-    params = OmegaConf.to_container(cfg, resolve=True)
+    params = curated_hparams(cfg, trainer)
     for logger in trainer.loggers:
-        logger.log_hyperparams(params, metrics={f"hp/{k.replace('/', '_')}": v for k, v in metrics.items()})
+        if isinstance(logger, CurvesFirstLogger):  # the metrics are the curves' own tags
+            logger.log_run(params, [k for k in epoch_metrics if k in metrics and not k.startswith("train/")])
+        else:
+            logger.log_hyperparams(params, metrics)
 
     if trainer.is_global_zero:
         report(cfg, trainer, model, metrics, "best" if run_test and best else "final", best, last)
     return metrics
+
+
+def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
+    """What runs are compared by, in this order: the run's name, every model setting, the data and trainer
+    settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
+    params: dict[str, object] = {"name": cfg.name}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    first = ("cell", "num_layers", "hidden_size", "dropout", "lr")  # the columns HPARAMS shows at first
+    params |= {f"model.{k}": model[k] for k in first}
+    params |= {f"model.{k}": v for k, v in model.items() if not k.startswith("_") and k not in first}
+    data = cfg.data
+    params["data.corpus"] = Path(str(data.path)).name
+    params["data.unit"] = data.get("unit", "char")
+    for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "sampling", "splits"):
+        params[f"data.{name}"] = OmegaConf.to_container(data[name]) if name == "splits" else data[name]
+    t = cfg.trainer
+    params |= {f"trainer.{k}": t.get(k) for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
+    params["trainer.precision"] = str(trainer.precision)
+    params["trainer.processes"] = trainer.world_size
+    params["seed"] = cfg.seed
+    return {
+        k: "null" if v is None else (str(v) if isinstance(v, list | tuple | dict) else v) for k, v in params.items()
+    }
 
 
 def report(
@@ -78,10 +107,39 @@ def report(
         print(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
 
 
+FORMATS = ("text", "jsonl")
+
+
+def read_prompt(cfg: DictConfig) -> str:
+    """``prompt`` or the UTF-8 text of ``prompt_file`` (never both); neither: start after a newline."""
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise UserError("prompt and prompt_file are both given; pass only one of them.")
+    if cfg.prompt_file is None:
+        return "" if cfg.prompt is None else str(cfg.prompt)
+    path = Path(str(cfg.prompt_file)).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"prompt_file={str(path)!r} {what}; pass a UTF-8 text file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"prompt_file={str(path)!r} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8."
+        ) from None
+    except OSError as e:
+        raise UserError(f"prompt_file={str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
+
+
 def sample(cfg: DictConfig) -> list[str]:
-    """Stream one sample to stdout as it is produced, or print ``num_samples`` samples made in one batch."""
+    """Print samples from a checkpoint and return them (prompt included).
+
+    ``format=text``: one sample streams to stdout as it is produced; several are printed one per block, each
+    after a ``--- sample i/N ---`` line. ``format=jsonl``: one JSON object per sample and line,
+    ``{"sample": i, "prompt": ..., "completion": ..., "stopped": true if the stop text ended it}``."""
     if not cfg.ckpt:
         raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
+    if cfg.format not in FORMATS:
+        raise UserError(f"format={cfg.format!r} is not known; use one of {', '.join(FORMATS)}.")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
     try:
         torch.device(device)
@@ -89,23 +147,23 @@ def sample(cfg: DictConfig) -> list[str]:
         raise UserError(f"device={cfg.device} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
-    sampling = SamplingConfig(
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
-    )  # checked before the checkpoint is read
+    # checked before the checkpoint is read
+    sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
+    prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     pieces = stream_text(
         model.net,
         model.vocab,
-        cfg.prompt,
+        prompt,
         cfg.length,
         sampling,
         num_samples=cfg.num_samples,
         unknown=cfg.unknown,
         generator=gen,
     )
-    if cfg.num_samples == 1:
+    if cfg.num_samples == 1 and cfg.format == "text":
         out = []
         for (piece,) in pieces:
             out.append(piece)
@@ -115,7 +173,13 @@ def sample(cfg: DictConfig) -> list[str]:
         return ["".join(out)]
     texts = ["".join(chunks) for chunks in zip(*pieces, strict=True)]
     for i, text in enumerate(texts):
-        print(f"--- sample {i + 1}/{len(texts)} ---\n{text}")
+        if cfg.format == "jsonl":
+            completion = text[len(prompt) :]
+            stopped = bool(sampling.stop and completion) and text.endswith(sampling.stop)
+            record = {"sample": i + 1, "prompt": prompt, "completion": completion, "stopped": stopped}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}")
     return texts
 
 

@@ -26,6 +26,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
@@ -66,6 +67,31 @@ def run_id() -> str:
     return f"{datetime.now():%H-%M-%S-%f}-{os.getpid()}"
 
 
+def run_name(data_path: str | None = None) -> str:
+    """A run's name: ``name=...`` if given, else its experiment (``experiment=...``), else its corpus preset
+    (``data=...``), else the corpus file's name; safe as a directory name. Without ``data_path`` (in
+    ``hydra.run.dir``, which must resolve on its own for ``--cfg hydra``) the ``data.path=`` override is used."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = {}
+    for item in hydra.overrides.task if hydra else ():
+        key, _, value = item.lstrip("+~").partition("=")
+        overrides[key] = value.strip("'\"")
+    if overrides.get("name"):
+        return safe_name(overrides["name"])
+    choices = hydra.runtime.choices if hydra else {}
+    name = choices.get("experiment")
+    if name in (None, "null"):
+        name = choices.get("data")
+    if name in (None, "null", "text"):
+        name = Path(str(data_path or overrides.get("data.path", ""))).stem or "run"
+    return safe_name(name)
+
+
+def safe_name(text: str, limit: int = 200) -> str:
+    """``text`` as one directory name: path separators and other odd characters become ``_``; at most ``limit``."""
+    return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", str(text)).strip("._")[:limit] or "run"
+
+
 def model_defaults() -> dict:
     """Every ``model.*`` setting with its Python default: the fields of RNNConfig and OptimConfig."""
     return {**asdict(RNNConfig()), **asdict(OptimConfig()), "betas": list(OptimConfig.betas)}
@@ -80,6 +106,8 @@ def data_defaults() -> dict:
 OmegaConf.register_new_resolver("charlm_data", lambda: str(DATA_DIR), replace=True)
 OmegaConf.register_new_resolver("charlm_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("charlm_run_id", run_id, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("charlm_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("charlm_safe_name", safe_name, replace=True)
 _store = ConfigStore.instance()
 _store.store(
     group="model", name="base", node={"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults()

@@ -23,6 +23,7 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy (argmax)
     top_k: int = 0  # keep only the k most likely characters (0 = off)
     top_p: float = 1.0  # nucleus sampling: the smallest set with this much probability (1 = off)
+    stop: str | None = None  # a sample ends with the first occurrence of this text after the prompt (None = off)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
@@ -37,6 +38,8 @@ class SamplingConfig:
             raise UserError(f"top_k={self.top_k} must be a whole number >= 0 (0 disables it).")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables it).")
+        if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
+            raise UserError(f"stop={self.stop!r} must be non-empty text, e.g. stop='\\n\\n'; leave it out for none.")
 
 
 def check_length(length: int, num_samples: int) -> None:
@@ -133,13 +136,34 @@ def stream_text(
     """Decoded text as it is produced, one string per sample: first the prompt, then each new character.
 
     Checks everything before the first yield, as ``generate`` does; ``"".join`` of a sample's pieces is
-    the sample."""
+    the sample. With ``sampling.stop``, a sample ends with (and includes) the first occurrence of the stop
+    text that a generated character completes; it yields "" from then on, and generation ends once every
+    sample has stopped (or after ``length`` characters)."""
     steps = generate(
         net, vocab, prompt, length, sampling, num_samples=num_samples, unknown=unknown, generator=generator
     )
     yield [prompt] * num_samples
+    stop = sampling.stop
+    if not stop:
+        for ids in steps:
+            yield list(vocab.decode(ids.cpu()))  # one character per sample
+        return
+    keep = len(stop) - 1  # a stop text may begin in the prompt or earlier characters: carry that much
+    tails = [prompt[len(prompt) - keep :] if keep else ""] * num_samples
+    running = [True] * num_samples
     for ids in steps:
-        yield list(vocab.decode(ids.cpu()))  # one character per sample
+        chars = list(vocab.decode(ids.cpu()))
+        for i, c in enumerate(chars):
+            if not running[i]:
+                chars[i] = ""
+                continue
+            tail = tails[i] + c
+            running[i] = not tail.endswith(stop)
+            tails[i] = tail[len(tail) - keep :] if keep else ""
+        yield chars
+        if not any(running):
+            steps.close()  # no more steps are computed
+            return
 
 
 def sample_text(

@@ -171,8 +171,8 @@ def test_every_sampler_uses_the_sampling_defaults(tmp_path):
     assert TextSample().sampling == SamplingConfig()
     train_cfg = compose_train([f"paths.output_dir={tmp_path}"])
     assert instantiate(train_cfg.callbacks.text_sample).sampling == SamplingConfig()
-    told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9"])
-    assert {name: told[name] for name in default} == {"temperature": 0.5, "top_k": 3, "top_p": 0.9}
+    told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9", "stop=ab"])
+    assert {name: told[name] for name in default} == {"temperature": 0.5, "top_k": 3, "top_p": 0.9, "stop": "ab"}
 
 
 # ---- the other groups ----
@@ -220,7 +220,7 @@ def test_logger_none_builds_a_run_without_a_logger_or_its_lr_monitor(corpus, tmp
     _, _, trainer = build(cfg)
     assert trainer.loggers == [] and not [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
     _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "tb")))
-    assert [type(lg).__name__ for lg in trainer.loggers] == ["TensorBoardLogger"]
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["CurvesFirstLogger"]  # a TensorBoardLogger
     assert [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
 
 
@@ -234,7 +234,11 @@ def test_multirun_sweep_trains_each_point(tmp_path):
     ]
     proc = run_cli("train.py", "-m", "model.hidden_size=8,16", f"hydra.sweep.dir={tmp_path}/sweep", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job in ("0", "1"):
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
+    # each job's directory says what it is: its number and overrides, without the paths
+    assert [j.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    assert "model.hidden_size=8" in jobs[0] and "model.hidden_size=16" in jobs[1] and "data.path" not in jobs[0]
+    for job in jobs:
         assert (tmp_path / "sweep" / job / "checkpoints/last.ckpt").is_file()
         assert list((tmp_path / "sweep" / job / "tb").glob("events.*"))
 

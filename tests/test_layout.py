@@ -25,8 +25,10 @@ LAYERS = [
     "charlm.module",
     "charlm.sampling",
     "charlm.callbacks",
+    "charlm.board",
     "charlm.config",
     "charlm.cli",
+    "charlm.export",
 ]
 SCRIPTS = {"train", "generate"}
 SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\[|=|\.(insert|append|extend)\b)")

@@ -46,7 +46,7 @@ def test_epoch_metrics_are_token_weighted_not_a_mean_of_batches():
 def lr_curve(out) -> list[float]:
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
-    (tag,) = [t for t in acc.Tags()["scalars"] if t.startswith("lr-")]
+    (tag,) = [t for t in acc.Tags()["scalars"] if t.startswith("3_optim/lr-")]
     return [e.value for e in acc.Scalars(tag)]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from charlm import UserError
-from charlm.sampling import SamplingConfig, Stepper, generate, next_token, sample_text, start_ids
+from charlm.sampling import SamplingConfig, Stepper, generate, next_token, sample_text, start_ids, stream_text
 from charlm.vocab import CharVocab
 from tests.conftest import rnn
 
@@ -176,3 +176,30 @@ def test_generation_gives_the_same_text_as_stepping_the_forward_pass(net):
             slow.append(ids)
             logits, state = net(ids[:, None], state)
     assert fast[0].tolist() == torch.stack(slow, 1)[0].tolist()
+
+
+def test_stop_ends_each_stream_at_its_first_stop_text_and_nothing_else_changes(net):
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    free = sample_text(net, VOCAB, "ab", 60, num_samples=6, generator=gen())
+    stopped = sample_text(net, VOCAB, "ab", 60, SamplingConfig(stop=" a"), num_samples=6, generator=gen())
+    hits = 0
+    for whole, cut in zip(free, stopped, strict=True):
+        at = whole.find(" a", 1)  # the first occurrence a generated character completes ("ab" holds none)
+        expected = whole if at < 0 else whole[: at + 2]
+        assert cut == expected
+        hits += at >= 0
+    assert 0 < hits < 6  # the seed gives streams that stop and streams that run to `length`
+
+
+def test_stop_text_may_begin_in_the_prompt_and_generation_ends_when_every_stream_stopped(net):
+    (first,) = sample_text(net, VOCAB, "ab", 1, GREEDY)
+    stop = "b" + first[-1]  # completed by the first generated character, begun by the prompt
+    pieces = list(stream_text(net, VOCAB, "ab", 50, SamplingConfig(temperature=0, stop=stop), num_samples=2))
+    assert len(pieces) == 2  # the prompt, one character: no further steps were computed
+    assert ["".join(p) for p in zip(*pieces, strict=True)] == [first, first]
+
+
+@pytest.mark.parametrize("stop", ["", 3])
+def test_a_bad_stop_text_is_a_one_line_error(stop):
+    with pytest.raises(UserError, match="must be non-empty text"):
+        SamplingConfig(stop=stop)

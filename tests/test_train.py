@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import os
+import re
+from dataclasses import fields
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +17,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from charlm import UserError
 from charlm.cli import sample, train
+from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
+from charlm.optim import OptimConfig
 from tests.conftest import assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
 
 
@@ -45,25 +52,62 @@ def test_run_writes_checkpoints_and_metrics(trained):
     assert metrics["val/loss"] < math.log(16) - 0.5  # learned something beyond uniform over the tiny vocab
 
 
-def test_tensorboard_has_metrics_lr_samples_and_hparams(trained):
+def hparams_entry(tb: Path) -> tuple[list[str], list[str], dict]:
+    """The HPARAMS tab entry of a run: (hyperparameter names in order, metric tags, the run's values)."""
+    exp = ssi = None
+    for f in tb.glob("events.*"):
+        for ev in EventFileLoader(str(f)).Load():
+            for v in ev.summary.value:
+                if v.metadata.plugin_data.plugin_name == "hparams":
+                    data = HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                    exp = data.experiment if v.tag == "_hparams_/experiment" else exp
+                    ssi = data.session_start_info if v.tag == "_hparams_/session_start_info" else ssi
+    names = [h.name for h in exp.hparam_infos]
+    metrics = [m.name.tag for m in exp.metric_infos]
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in ssi.hparams.items()}
+    return names, metrics, values
+
+
+def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(trained):
     out, _, _ = trained
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    for stage in ("train", "val", "test"):
-        assert {f"{stage}/loss", f"{stage}/ppl", f"{stage}/bpc"} <= scalars
-    assert any(t.startswith("lr-") for t in scalars)
-    assert {"hp/val_loss", "hp/val_bpc", "hp/test_bpc"} <= scalars
+    # Sections in the order TensorBoard lists them (code-point order): the curves first, no single-point clutter.
+    assert {"1_val/bpc", "1_val/ppl", "1_val/loss", "2_train/bpc", "2_train/loss_step", "3_optim/grad_norm"} <= scalars
+    assert any(t.startswith("3_optim/lr-") for t in scalars) and {"4_test/bpc", "4_test/ppl"} <= scalars
+    assert sorted({t.split("/")[0] for t in scalars}) == ["1_val", "2_train", "3_optim", "4_test"]  # no hp/, epoch
+    assert len(acc.Scalars("1_val/bpc")) == 2  # one per epoch
     assert any(t.startswith("sample") for t in acc.Tags()["tensors"])
-    hparams = {  # the HPARAMS tab entry: plugin summaries with empty tensors, which EventAccumulator drops
-        v.tag: v.metadata.plugin_data.content
-        for f in (out / "tb").glob("events.*")
-        for ev in EventFileLoader(str(f)).Load()
-        for v in ev.summary.value
-        if v.metadata.plugin_data.plugin_name == "hparams"
-    }
-    assert b"hp/val_bpc" in hparams["_hparams_/experiment"] and b"model/hidden_size" in hparams["_hparams_/experiment"]
-    assert len(acc.Scalars("val/bpc")) == 2  # one per epoch
+
+    names, metrics, values = hparams_entry(out / "tb")
+    plain = [n.split(" ", 1)[1] for n in names]
+    assert [n.split(" ", 1)[0] for n in names] == [f"{i:02d}" for i in range(1, len(names) + 1)]
+    assert plain[:6] == ["name", "model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "model.lr"]
+    model_keys = {f"model.{f.name}" for cls in (RNNConfig, OptimConfig) for f in fields(cls)}
+    data_keys = {f"data.{k}" for k in ("corpus", "unit", "preprocess", "batch_size", "seq_len", "eval_batch_size")}
+    data_keys |= {"data.sampling", "data.splits"}
+    trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
+    trainer_keys |= {"trainer.precision", "trainer.processes"}
+    assert set(plain) == {"name", "seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks
+    assert sorted(metrics) == sorted(f"{s}/{m}" for s in ("1_val", "4_test") for m in ("bpc", "loss", "ppl"))
+    assert set(metrics) <= scalars  # the HPARAMS metrics are the run's own curves
+    by_name = {n.split(" ", 1)[1]: v for n, v in values.items()}
+    assert (by_name["name"], by_name["model.hidden_size"], by_name["data.corpus"]) == ("tiny", 32, "tiny.txt")
+
+
+def test_run_directories_are_named_for_the_experiment(tmp_path, corpus):
+    """A run started without hydra.run.dir lands in outputs/<experiment>/<date>_<time...>/, its TensorBoard run too."""
+    overrides = [o for o in tiny_overrides(corpus, tmp_path) if not o.startswith("paths.output_dir")]
+    args = ["experiment=shakespeare_1min", *overrides, "trainer.max_epochs=1", "trainer.max_time=null"]
+    proc = run_cli("train.py", *args, "test=false", "sample_length=0", "callbacks.text_sample=null", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()
+    assert run.name == "shakespeare_1min"
+    (stamp,) = run.iterdir()
+    assert stamp.name.startswith(date.today().isoformat() + "_") and (stamp / "checkpoints/last.ckpt").is_file()
+    names, _, values = hparams_entry(stamp / "tb")
+    assert values["01 name"] == "shakespeare_1min"
 
 
 def test_checkpoint_loads_without_hydra_and_carries_the_vocab(trained):
@@ -198,6 +242,57 @@ def test_generate_cli_streams_and_rejects_bad_input(trained, tmp_path):
     assert "pwned" not in proc.stdout
     with pytest.raises(UserError, match="refused"):
         load_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_prompt_file_reads_the_prompt_and_follows_unknown(trained, tmp_path, capsys):
+    out, _, _ = trained
+    ckpt = f"ckpt={out}/checkpoints/best.ckpt"
+    (tmp_path / "p.txt").write_text("abc ", encoding="utf-8")
+    (direct,) = sample(compose_generate([ckpt, "prompt='abc '", "length=40", "temperature=0"]))
+    (from_file,) = sample(compose_generate([ckpt, f"prompt_file={tmp_path}/p.txt", "length=40", "temperature=0"]))
+    assert from_file == direct and direct.startswith("abc ")
+    (tmp_path / "z.txt").write_text("aZc ", encoding="utf-8")  # Z is not in the tiny vocab
+    with pytest.raises(UserError, match="not in the vocab"):
+        sample(compose_generate([ckpt, f"prompt_file={tmp_path}/z.txt", "length=5"]))
+    (unk,) = sample(
+        compose_generate([ckpt, f"prompt_file={tmp_path}/z.txt", "unknown=unk", "length=40", "temperature=0"])
+    )
+    assert unk.startswith("aZc ") and unk != direct  # the model read "a?c ", not "abc "
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["prompt=ab", "prompt_file={tmp}/p.txt"], "prompt and prompt_file are both given; pass only one of them."),
+        (["prompt_file={tmp}/missing.txt"], "does not exist; pass a UTF-8 text file."),
+        (["prompt_file={tmp}"], "is a directory; pass a UTF-8 text file."),
+        (["prompt_file={tmp}/latin1.txt"], "is not UTF-8 text (bad byte at offset 1)"),
+        (["stop=''"], "stop='' must be non-empty text"),
+        (["format=xml"], "format='xml' is not known; use one of text, jsonl."),
+    ],
+)
+def test_sampler_options_reject_bad_input_in_one_line(trained, tmp_path, args, match):
+    out, _, _ = trained
+    (tmp_path / "p.txt").write_text("ab", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("a\xe9b".encode("latin-1"))
+    with pytest.raises(UserError, match=re.escape(match)):
+        sample(compose_generate([f"ckpt={out}/checkpoints/best.ckpt", *(a.format(tmp=tmp_path) for a in args)]))
+
+
+def test_several_samples_print_as_blocks_or_json_lines_with_stop(trained, capsys):
+    out, _, _ = trained
+    base = [f"ckpt={out}/checkpoints/best.ckpt", "prompt=ab", "num_samples=4", "length=30", "seed=2"]
+    texts = sample(compose_generate(base))
+    printed = capsys.readouterr().out
+    assert printed == "".join(f"--- sample {i}/4 ---\n{t}\n" for i, t in enumerate(texts, start=1))
+    stopped = sample(compose_generate([*base, "format=jsonl", "stop=' '"]))
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["sample"] for r in records] == [1, 2, 3, 4]
+    for record, whole, cut in zip(records, texts, stopped, strict=True):
+        at = whole.find(" ", 2)
+        assert cut == (whole if at < 0 else whole[: at + 1])  # the same draws, cut at the first stop text
+        assert record == {"prompt": "ab", "completion": cut[2:], "stopped": at >= 0, "sample": record["sample"]}
+    assert any(r["stopped"] for r in records)
 
 
 def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):

@@ -1,0 +1,65 @@
+"""TensorBoard that opens on the learning curves: tag sections in the order a user reads them, no single-point
+clutter, and an HPARAMS entry whose metrics are the run's own curves.
+
+TensorBoard lists tag sections (the text before the first ``/``) in code-point order and expands the first
+ones, so the metric names Lightning sees (``val/bpc``, ``train/loss_step``, ``lr-AdamW``, ...: what checkpoints
+monitor and the progress bar shows) are written under numbered sections:
+
+    1_val/{bpc,loss,ppl}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,skipped_steps}   4_test/*
+
+Lightning's TensorBoardLogger has no tag mapping, adds an ``epoch`` scalar to every logging call, and its
+``log_hyperparams(params, metrics)`` writes each metric again as a one-point scalar (the ``hp/*`` cards):
+this subclass maps the tags, drops ``epoch`` and writes the HPARAMS summaries alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+# (prefix of the Lightning name, section it is written under, part of the name that the section replaces);
+# the first match wins
+SECTIONS = (
+    ("val/", "1_val/", "val/"),
+    ("train/grad_norm", "3_optim/", "train/"),
+    ("train/skipped_steps", "3_optim/", "train/"),
+    ("train/", "2_train/", "train/"),
+    ("lr-", "3_optim/", ""),
+    ("test/", "4_test/", "test/"),
+)
+
+
+def board_tag(name: str) -> str:
+    """The TensorBoard tag of a logged metric: ``val/bpc`` -> ``1_val/bpc``, ``lr-AdamW`` -> ``3_optim/lr-AdamW``."""
+    for prefix, section, replaced in SECTIONS:
+        if name.startswith(prefix):
+            return section + name[len(replaced) :]
+    return name
+
+
+class CurvesFirstLogger(TensorBoardLogger):
+    """A TensorBoardLogger that writes ``board_tag`` names, no ``epoch`` scalar, and ``log_run`` for HPARAMS."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics({board_tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
+
+    @rank_zero_only
+    def log_run(self, params: Mapping[str, object], metric_names: list[str]) -> None:
+        """The HPARAMS entry: ``params`` (values str, int, float or bool) against the curves ``metric_names``
+        (Lightning names, e.g. ``val/bpc``): the tab reads each metric's last logged value.
+
+        The tab sorts hyperparameters by name and shows the first five, so each name gets its rank in
+        ``params`` as a prefix (``01 name``, ``02 model.cell``, ...): the table opens on the first ones."""
+        values = {
+            f"{i:02d} {k}": v if isinstance(v, str | bool | int | float) else str(v)
+            for i, (k, v) in enumerate(params.items(), start=1)
+        }
+        exp, ssi, sei = hparams_summaries(values, dict.fromkeys(map(board_tag, metric_names), 0.0))
+        writer = self.experiment._get_file_writer()
+        for summary in (exp, ssi, sei):
+            writer.add_summary(summary)
+        writer.flush()
