@@ -23,8 +23,11 @@ class Diverged(UserError):
 
 
 @contextmanager
-def reported_user_errors():
-    """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and its exit code."""
+def reported_user_errors(exit: bool = True):
+    """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and its exit code.
+
+    ``exit=False`` (a job of a sweep): print the line, then raise the UserError itself, which Hydra records as
+    that job's failure (and Optuna as a failed trial) while the sweep goes on; a SystemExit would end it."""
     try:
         yield
     except Exception as e:
@@ -32,6 +35,8 @@ def reported_user_errors():
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
+        if not exit:
+            raise cause from None
         raise SystemExit(cause.exit_code) from None
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -185,8 +187,11 @@ def sample(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
-    """``charlm-train [overrides]``: train, test, print a sample; return the metric a sweeper minimises."""
-    with reported_user_errors():
+    """``charlm-train [overrides]``: train, test, print a sample; return the metric a sweeper minimises.
+
+    In a sweep (``-m``), a job with a bad config or a diverged run fails alone: the sweep goes on."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    with reported_user_errors(exit=not multirun):
         metrics = train(cfg)
     return metrics.get(cfg.optimized_metric)
 

@@ -57,8 +57,8 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    return compose(overrides, config_name="train")
+def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    return compose(overrides, config_name="train", return_hydra_config=return_hydra_config)
 
 
 def compose_generate(overrides: list[str]) -> DictConfig:

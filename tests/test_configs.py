@@ -256,3 +256,53 @@ def test_experiment_smoke_run(experiment, tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
+
+
+def test_a_sweep_goes_on_past_a_job_with_a_bad_config(tmp_path):
+    """A UserError in one job of a sweep is that job's one-line failure; the next job still trains."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    overrides = [
+        o
+        for o in tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0")
+        if not o.startswith("paths.output_dir")
+    ]
+    proc = run_cli("train.py", "-m", "model.dropout=1.5,0.1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides)
+    assert proc.returncode != 0  # Hydra reports the failed job when the sweep ends
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."]
+    (bad,) = (tmp_path / "sweep").glob("0_*")
+    (good,) = (tmp_path / "sweep").glob("1_*")
+    assert not (bad / "checkpoints").exists() and (good / "checkpoints/last.ckpt").is_file()
+
+
+def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna")
+    for search in ("timemachine_optuna", "shakespeare_optuna", "shakespeare_1min_optuna"):  # the shipped searches
+        cfg = compose_train([f"hparams_search={search}", f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.max_failure_rate == 1.0
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    (tmp_path / "conf/hparams_search").mkdir(parents=True)
+    (tmp_path / "conf/hparams_search/failing.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: optuna\n"
+        "hydra:\n  mode: MULTIRUN\n  sweeper:\n"
+        "    sampler: {_target_: optuna.samplers.TPESampler, seed: 0, n_startup_trials: 10}\n"
+        f"    direction: minimize\n    study_name: failing\n    storage: sqlite:///{tmp_path}/study.db\n"
+        "    n_trials: 4\n    n_jobs: 1\n    max_failure_rate: 1.0\n"
+        "    params:\n      model.dropout: choice(0.1, 1.5)\n",
+        encoding="utf-8",
+    )
+    overrides = [
+        o
+        for o in tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0")
+        if not o.startswith("paths.output_dir")
+    ]
+    args = ["--config-dir", str(tmp_path / "conf"), "hparams_search=failing", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = run_cli("train.py", *args, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path}/study.db")
+    states = {t.params["model.dropout"]: t.state.name for t in study.trials}
+    assert len(study.trials) == 4 and states == {0.1: "COMPLETE", 1.5: "FAIL"}
