@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from charlm import UserError, reported_user_errors
 from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.config import CONF_DIR, build
+from charlm.config import CONF_DIR, build, corpus_name
 from charlm.module import STAGES, CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
 
@@ -70,7 +70,7 @@ def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
     params |= {f"model.{k}": model[k] for k in first}
     params |= {f"model.{k}": v for k, v in model.items() if not k.startswith("_") and k not in first}
     data = cfg.data
-    params["data.corpus"] = Path(str(data.path)).name
+    params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
     params["data.unit"] = data.get("unit", "char")
     for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "sampling", "splits"):
         params[f"data.{name}"] = OmegaConf.to_container(data[name]) if name == "splits" else data[name]

@@ -67,7 +67,7 @@ def run_id() -> str:
     return f"{datetime.now():%H-%M-%S-%f}-{os.getpid()}"
 
 
-def run_name(data_path: str | None = None) -> str:
+def run_name(data_path: str | None = None, train_path: str | None = None) -> str:
     """A run's name: ``name=...`` if given, else its experiment (``experiment=...``), else its corpus preset
     (``data=...``), else the corpus file's name; safe as a directory name. Without ``data_path`` (in
     ``hydra.run.dir``, which must resolve on its own for ``--cfg hydra``) the ``data.path=`` override is used."""
@@ -83,8 +83,20 @@ def run_name(data_path: str | None = None) -> str:
     if name in (None, "null"):
         name = choices.get("data")
     if name in (None, "null", "text"):
-        name = Path(str(data_path or overrides.get("data.path", ""))).stem or "run"
+        name = corpus_name(data_path or overrides.get("data.path"), train_path or overrides.get("data.train_path"))
     return safe_name(name)
+
+
+def corpus_name(path: str | None, train_path: str | None = None) -> str:
+    """A corpus's short name: the file's stem, a folder's or glob's folder name, or a pre-split corpus's folder."""
+    if train_path not in (None, "", "null", "None"):
+        return Path(str(train_path)).expanduser().resolve().parent.name or "split"
+    if path in (None, "", "null", "None"):
+        return "run"
+    p = Path(str(path)).expanduser()
+    while any(c in p.name for c in "*?[") and p != p.parent:
+        p = p.parent
+    return (p.name if p.is_dir() or p != Path(str(path)).expanduser() else p.stem) or "run"
 
 
 def safe_name(text: str, limit: int = 200) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -22,6 +23,28 @@ _CACHE_FORMAT = 2  # bump when the layout or the bytes a build writes change (_S
 _BLOCK = 1 << 16  # corpus bytes decoded per step: malloc reuses such small buffers, so no page faults
 _SAMPLES, _SAMPLE = 16, 1 << 18  # tokens.npy bytes hashed by each load: 16 blocks of 256 KiB, all of 4 MiB or less
 _FILES = ("tokens.npy", "vocab.json", "manifest.json")  # in the order a build moves them into the cache
+
+
+SEPARATOR = "\n\n"  # between the files of a folder or glob corpus: a blank line, so no word runs into the next
+_GLOB = re.compile(r"[*?\[]")
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """``data.path`` as the files it names: a file; a folder's files (sorted by name, hidden ones skipped, not
+    recursive); or a glob's matches (sorted; ``**`` recurses)."""
+    text = str(path)
+    if _GLOB.search(text):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"data.path={text!r} matches no files; check the pattern, e.g. data.path='books/*.txt'.")
+        return files
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise UserError(f"data.path={text!r} is an empty folder; put UTF-8 text files in it, or pass a file.")
+        return files
+    return [_existing(folder)]
 
 
 def read_corpus(path: str | Path) -> bytes:
@@ -55,7 +78,7 @@ def _not_utf8(path: str | Path, offset: int) -> UserError:
 
 def _existing(path: str | Path) -> Path:
     if (path := Path(path).expanduser()).is_dir():
-        raise _corpus_error(path, "is a directory; pass the path of a UTF-8 text file as data.path")
+        raise _corpus_error(path, "is a directory; pass the path of a UTF-8 text file")
     if not path.is_file():
         raise _corpus_error(path, "does not exist; pass an existing UTF-8 text file as data.path")
     return path
@@ -83,6 +106,56 @@ def _cache_key(path: Path, options: tuple) -> str:
         raise _corpus_error(path, "is empty; pass a file with text in it as data.path")
     key.update(repr(options).encode())
     return key.hexdigest()[:16]
+
+
+def _files_key(files: list[Path], options: tuple) -> str:
+    """SHA-1 of every file's content, each after a marker with its index, and of the options; all blank: error."""
+    key, blank = hashlib.sha1(), True
+    for i, path in enumerate(files):
+        key.update(f"\0file {i}\0".encode())
+        for block in _blocks(path):
+            key.update(block)
+            blank = blank and block.isspace()
+    if blank:
+        raise _corpus_error(files[0], "and the other files of this corpus are empty; pass files with text in them")
+    key.update(repr(options).encode())
+    return key.hexdigest()[:16]
+
+
+def _tokenize_files(
+    files: list[Path], sep: str, preprocess: str, unk: str | None, tokens_npy: Path
+) -> tuple[CharVocab, list[int]]:
+    """``_tokenize`` of the files joined by ``sep``: the vocab and each file's token count (its separator
+    counted with it), so that a pre-split corpus's parts are exact slices of the one token array."""
+    if preprocess != "none":
+        pieces = [decode_corpus(read_corpus(f), f, preprocess) for f in files]
+        joint = decode_corpus(sep.encode(), files[0], preprocess) if sep else ""
+        text = joint.join(pieces)
+        if not text:
+            raise _corpus_error(files[0], f"and the other files are empty after data.preprocess={preprocess}")
+        vocab = CharVocab.from_text(text, unk=unk)
+        np.save(tokens_npy, vocab.encode(text))
+        return vocab, [len(p) + (len(joint) if i < len(files) - 1 else 0) for i, p in enumerate(pieces)]
+    counts = []
+    with tempfile.TemporaryFile(dir=tokens_npy.parent) as scratch, tokens_npy.open("wb") as out:
+        encoder = StreamEncoder(scratch)
+        for i, path in enumerate(files):
+            start = encoder._fed  # the file's first byte in the stream
+            try:
+                for block in _blocks(path):
+                    encoder.write(block)
+                encoder.write(b"", final=True)  # a character cut by the end of a file is an error in that file
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, encoder.position + e.start - start) from None
+            if sep and i < len(files) - 1:
+                encoder.write(sep.encode())
+            counts.append(len(encoder) - sum(counts))
+        vocab = encoder.vocab(unk)
+        header = {"descr": np.lib.format.dtype_to_descr(vocab.dtype), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(out, header | {"shape": (len(encoder),)})
+        for ids in encoder.ids(vocab):
+            out.write(ids)
+    return vocab, counts
 
 
 def _tokenize(path: Path, preprocess: str, unk: str | None, tokens_npy: Path) -> CharVocab:
@@ -157,7 +230,7 @@ def _manifest(tokens_npy: Path, vocab_json: Path) -> dict:
     }
 
 
-def _read_cache(cache: Path) -> tuple[np.ndarray, CharVocab] | None:
+def _read_cache(cache: Path) -> tuple[np.ndarray, CharVocab, dict] | None:
     """The cache's tokens and vocab, each file read once and those very bytes checked against the manifest.
 
     None if there is no manifest yet: no build has finished. _BadCache says what failed, when anything does.
@@ -189,7 +262,9 @@ def _read_cache(cache: Path) -> tuple[np.ndarray, CharVocab] | None:
         _require(_sampled_sha1(tokens) == manifest["tokens_sample_sha1"], "tokens.npy does not match its sampled SHA-1")
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # a missing file, bad JSON, a wrong shape
         raise _BadCache(f"{type(e).__name__}: {e}") from None
-    return tokens, vocab
+    counts = manifest.get("file_tokens", [len(tokens)])
+    _require(sum(counts) == len(tokens), "the manifest's file_tokens do not add up to its tokens")
+    return tokens, vocab, manifest
 
 
 def _fsync(path: Path) -> None:
@@ -200,13 +275,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _build(path: Path, preprocess: str, unk: str | None, cache: Path) -> None:
+def _build(files: list[Path], sep: str, preprocess: str, unk: str | None, cache: Path) -> None:
     """Tokenize into a temporary directory beside ``cache``, then move each file in by ``os.replace``."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp", dir=cache.parent) as tmp:
         tokens_npy, vocab_json, manifest_json = (Path(tmp) / name for name in _FILES)
-        _tokenize(path, preprocess, unk, tokens_npy).save(vocab_json)
-        manifest_json.write_text(json.dumps(_manifest(tokens_npy, vocab_json), indent=1), encoding="utf-8")
+        if len(files) == 1:
+            _tokenize(files[0], preprocess, unk, tokens_npy).save(vocab_json)
+            manifest = _manifest(tokens_npy, vocab_json)
+        else:
+            vocab, counts = _tokenize_files(files, sep, preprocess, unk, tokens_npy)
+            vocab.save(vocab_json)
+            manifest = _manifest(tokens_npy, vocab_json) | {"file_tokens": counts}
+        manifest_json.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         cache.mkdir(exist_ok=True)
         for name in _FILES:
             _fsync(Path(tmp) / name)
@@ -217,7 +298,40 @@ def _build(path: Path, preprocess: str, unk: str | None, cache: Path) -> None:
 def load_tokens(
     path: str | Path, preprocess: str = "none", unk: str | None = "\ufffd", cache_dir: str | Path | None = None
 ) -> tuple[np.ndarray, CharVocab]:
-    """Tokenize ``path`` once and memory-map the result on later calls.
+    """Tokenize ``path`` (a file, a folder or a glob: see ``corpus_files``; several files are joined by
+    ``SEPARATOR``) once, and memory-map the result on later calls. See ``load_files`` for the cache."""
+    files = corpus_files(path)
+    tokens, vocab, _ = load_files(files, SEPARATOR, preprocess, unk, cache_dir, _corpus_name(path, files))
+    return tokens, vocab
+
+
+def _corpus_name(path: str | Path, files: list[Path]) -> str:
+    """The cache directory's prefix: the file's stem, or the folder's (the glob's first fixed folder) name."""
+    if len(files) == 1:
+        return files[0].stem
+    folder = Path(str(path)).expanduser()
+    while _GLOB.search(str(folder)) or not folder.name:
+        if folder == folder.parent:
+            break
+        folder = folder.parent
+    return f"{folder.name or 'corpus'}-files"
+
+
+def load_split(
+    paths: list[str | Path], preprocess: str = "none", unk: str | None = "\ufffd", cache_dir: str | Path | None = None
+) -> tuple[list[np.ndarray], CharVocab]:
+    """A corpus that comes split (train, val, test files): one vocab over their union, and each file's tokens."""
+    files = [_existing(p) for p in paths]
+    tokens, vocab, counts = load_files(files, "", preprocess, unk, cache_dir, files[0].stem + "-split")
+    ends = np.cumsum(counts)
+    return [tokens[end - n : end] for n, end in zip(counts, ends, strict=True)], vocab
+
+
+def load_files(
+    files: list[Path], sep: str, preprocess: str, unk: str | None, cache_dir: str | Path | None, name: str
+) -> tuple[np.ndarray, CharVocab, list[int]]:
+    """Tokenize ``files`` joined by ``sep`` once and memory-map the result on later calls; also each file's
+    token count (its separator included).
 
     The cache directory is keyed by the file's content hash plus the options that change the tokens, and
     holds ``tokens.npy`` (uint8/uint16/uint32 ids), ``vocab.json`` and ``manifest.json`` (sizes, hashes, id
@@ -234,9 +348,11 @@ def load_tokens(
     """
     if preprocess not in PREPROCESS:
         raise UserError(f"data.preprocess={preprocess!r} is not known; use one of {', '.join(PREPROCESS)}.")
-    path = _existing(path)
-    key = _cache_key(path, (_CACHE_FORMAT, preprocess, unk))
-    cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{path.stem}-{key}"
+    if len(files) == 1:  # the key of a one-file corpus is what it always was, so existing caches stay valid
+        key = _cache_key(files[0], (_CACHE_FORMAT, preprocess, unk))
+    else:
+        key = _files_key(files, (_CACHE_FORMAT, preprocess, unk, sep, len(files)))
+    cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{name}-{key}"
     try:
         loaded = _read_cache(cache)
     except _BadCache as e:
@@ -247,7 +363,7 @@ def load_tokens(
         loaded = None
     if loaded is None:
         try:
-            _build(path, preprocess, unk, cache)
+            _build(files, sep, preprocess, unk, cache)
         except OSError as e:  # a full disk or a read-only cache directory; a half-built cache is never renamed in
             raise UserError(
                 f"cannot write the token cache in {str(cache.parent)!r} ({e.strerror or e}); free disk space there,"
@@ -260,4 +376,5 @@ def load_tokens(
                 f"the token cache {str(cache)!r} failed its check right after it was written ({e}); the disk may be"
                 " failing: point CHARLM_CACHE (or paths.cache_dir) at another disk."
             ) from None
-    return loaded
+    tokens, vocab, manifest = loaded
+    return tokens, vocab, manifest.get("file_tokens", [len(tokens)])

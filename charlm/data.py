@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from charlm import UserError
-from charlm.corpus import load_tokens
+from charlm.corpus import load_split, load_tokens
 from charlm.vocab import CharVocab
 
 SAMPLING = ("tbptt", "random")
@@ -132,7 +132,7 @@ class CharDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         preprocess: str = "none",
         splits: Sequence[float] = (0.9, 0.05, 0.05),
         batch_size: int = 32,
@@ -142,8 +142,27 @@ class CharDataModule(pl.LightningDataModule):
         unk: str | None = "\ufffd",
         cache_dir: str | None = None,
         seed: int = 0,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
     ):
         super().__init__()
+        split = {"train_path": train_path, "val_path": val_path, "test_path": test_path}
+        given = [name for name, value in split.items() if value]
+        if given and len(given) < 3:
+            missing = ", ".join(f"data.{name}" for name in split if name not in given)
+            raise UserError(f"a pre-split corpus needs all three of its files; also give {missing}.")
+        if given and path:
+            raise UserError(
+                "data.path and data.train_path / val_path / test_path are both given; pass one corpus"
+                " (e.g. add data.path=null)."
+            )
+        if not given and not path:
+            raise UserError(
+                "no corpus given; pass data.path=FILE (or a folder, or a glob such as 'books/*.txt'), or"
+                " data.train_path, data.val_path and data.test_path."
+            )
+        self.split_paths = [train_path, val_path, test_path] if given else None
         if sampling not in SAMPLING:
             raise UserError(f"data.sampling={sampling!r} is not known; use one of {', '.join(SAMPLING)}.")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
@@ -152,15 +171,20 @@ class CharDataModule(pl.LightningDataModule):
         self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
         self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
         self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
-        self._tokens: np.ndarray | None = None
+        self._parts: dict[str, np.ndarray] = {}
         self._vocab: CharVocab | None = None
         self._train: StreamBatches | RandomWindows | None = None
         self._resume_position = 0
 
-    def _load(self) -> tuple[np.ndarray, CharVocab]:
+    def _load(self) -> tuple[dict[str, np.ndarray], CharVocab]:
         if self._vocab is None:
-            self._tokens, self._vocab = load_tokens(self.path, self.preprocess, self.unk, self.cache_dir)
-        return self._tokens, self._vocab
+            if self.split_paths:  # as it comes: data.splits does not apply
+                parts, self._vocab = load_split(self.split_paths, self.preprocess, self.unk, self.cache_dir)
+                self._parts = dict(zip(STAGES, parts, strict=True))
+            else:
+                tokens, self._vocab = load_tokens(self.path, self.preprocess, self.unk, self.cache_dir)
+                self._parts = split_tokens(tokens, self.splits)
+        return self._parts, self._vocab
 
     @property
     def vocab(self) -> CharVocab:
@@ -168,7 +192,7 @@ class CharDataModule(pl.LightningDataModule):
 
     @property
     def parts(self) -> dict[str, np.ndarray]:
-        return split_tokens(self._load()[0], self.splits)
+        return self._load()[0]
 
     def check_sizes(self, world_size: int = 1) -> None:
         """Raise a UserError, before any training, if a split cannot fill one batch on every rank."""

@@ -122,9 +122,10 @@ def test_concurrent_builders_all_get_the_corpus(cached, start, capfd):
     assert not [p for p in (corpus.parent / "cache").iterdir() if ".tmp" in p.name]  # no temporary directory left
 
 
-def test_a_directory_as_corpus_says_to_pass_a_file(tmp_path):
-    with pytest.raises(UserError, match=r"is a directory; pass .*file"):
-        load_tokens(tmp_path, cache_dir=tmp_path / "cache")
+def test_a_directory_without_files_as_corpus_says_to_put_files_in_it(tmp_path):
+    (tmp_path / "books").mkdir()
+    with pytest.raises(UserError, match=r"is an empty folder; put UTF-8 text files in it, or pass a file"):
+        load_tokens(tmp_path / "books", cache_dir=tmp_path / "cache")
 
 
 def test_an_unreadable_corpus_says_to_make_it_readable(tmp_path, monkeypatch):

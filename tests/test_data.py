@@ -9,7 +9,7 @@ from charlm import UserError
 from charlm.corpus import load_tokens, read_corpus
 from charlm.data import CharDataModule, RandomWindows, StreamBatches, split_tokens
 from charlm.vocab import CharVocab
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_text
 
 
 def test_stream_batches_continue_each_stream_and_shift_targets():
@@ -184,3 +184,79 @@ def test_whitespace_only_corpus_is_empty(tmp_path):
 def test_bad_batch_shapes_are_one_line_errors(kwargs, match, tmp_path):
     with pytest.raises(UserError, match=re.escape(match)):
         CharDataModule(str(tmp_path / "x.txt"), **kwargs)
+
+
+def write_books(folder, texts: dict[str, str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_a_folder_or_glob_is_its_files_in_name_order_joined_by_a_blank_line(tmp_path):
+    books = write_books(tmp_path / "books", {"b.txt": "bravo ünï", "a.txt": "alpha 中文", "c.md": "charlie"})
+    (books / ".hidden").write_text("ZZZ", encoding="utf-8")
+    joined = tmp_path / "joined.txt"
+    joined.write_text("alpha 中文\n\nbravo ünï\n\ncharlie", encoding="utf-8")
+    expected, vocab = load_tokens(joined, cache_dir=tmp_path / "c1")
+    for path in (books, str(books) + "/", str(books / "*")):
+        tokens, got = load_tokens(path, cache_dir=tmp_path / "c2")
+        assert got == vocab and np.array_equal(tokens, expected), path
+    tokens, txt_vocab = load_tokens(str(books / "*.txt"), cache_dir=tmp_path / "c2")
+    assert txt_vocab.decode(tokens) == "alpha 中文\n\nbravo ünï"
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "c2").iterdir()) == ["books", "books"]
+
+
+def test_a_folder_cache_is_keyed_by_every_file(tmp_path):
+    books = write_books(tmp_path / "books", {"a.txt": "abc", "b.txt": "def"})
+    load_tokens(books, cache_dir=tmp_path / "c")
+    (books / "b.txt").write_text("deg", encoding="utf-8")  # the second file changes: a new cache, new tokens
+    second, vocab = load_tokens(books, cache_dir=tmp_path / "c")
+    assert vocab.decode(second) == "abc\n\ndeg" and len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_a_bad_byte_names_its_file_and_a_character_cut_at_a_file_end_is_an_error(tmp_path):
+    books = write_books(tmp_path / "books", {"a.txt": "abc"})
+    (books / "b.txt").write_bytes(b"de\xfff")
+    with pytest.raises(
+        UserError, match=re.escape(f"corpus file '{books / 'b.txt'}' is not valid UTF-8 at byte offset 2")
+    ):
+        load_tokens(books, cache_dir=tmp_path / "c")
+    (books / "b.txt").write_bytes("é".encode()[:1])  # half of a two-byte character, then the file ends
+    (books / "c.txt").write_bytes("é".encode()[1:])
+    with pytest.raises(UserError, match=re.escape(f"'{books / 'b.txt'}' is not valid UTF-8 at byte offset 0")):
+        load_tokens(books, cache_dir=tmp_path / "c")
+
+
+def test_a_pre_split_corpus_keeps_its_parts_with_one_vocab(tmp_path):
+    split = write_books(tmp_path / "ptb", {"train.txt": make_text(4000, 1), "valid.txt": "Qaaa bbb" * 60})
+    (split / "test.txt").write_text(make_text(500, 2), encoding="utf-8")
+    dm = CharDataModule(
+        None, batch_size=4, seq_len=16, eval_batch_size=2, cache_dir=str(tmp_path / "c"),
+        train_path=str(split / "train.txt"), val_path=str(split / "valid.txt"), test_path=str(split / "test.txt"),
+    )  # fmt: skip
+    assert "Q" in dm.vocab.chars  # seen only in the val file
+    for stage, name in zip(("train", "val", "test"), ("train.txt", "valid.txt", "test.txt"), strict=True):
+        assert dm.vocab.decode(dm.parts[stage]) == (split / name).read_text(encoding="utf-8"), stage
+    dm.check_sizes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"train_path": "t.txt"}, "a pre-split corpus needs all three of its files; also give data.val_path"),
+        ({"path": "x.txt", "train_path": "a", "val_path": "b", "test_path": "c"}, "are both given"),
+        ({}, "no corpus given; pass data.path=FILE"),
+    ],
+)
+def test_corpus_settings_that_cannot_work_are_one_line_errors(kwargs, match):
+    with pytest.raises(UserError, match=re.escape(match)):
+        CharDataModule(**({"path": None} | kwargs))
+
+
+def test_an_empty_folder_or_a_glob_without_matches_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is an empty folder; put UTF-8 text files in it"):
+        load_tokens(tmp_path / "empty", cache_dir=tmp_path / "c")
+    with pytest.raises(UserError, match="matches no files; check the pattern"):
+        load_tokens(str(tmp_path / "nope" / "*.txt"), cache_dir=tmp_path / "c")

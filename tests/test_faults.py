@@ -315,7 +315,7 @@ def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["data.path={tmp}"], "is a directory; pass the path of a UTF-8 text file"),
+        (["data.path={tmp}/nothing/*.txt"], "matches no files; check the pattern, e.g. data.path="),
         (["ckpt_path={tmp}"], "is a directory; pass a .ckpt file"),
         (["ckpt_path={tmp}/text.ckpt"], "is not a checkpoint"),
         (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number"),

@@ -93,7 +93,7 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(trained):
     assert sorted(metrics) == sorted(f"{s}/{m}" for s in ("1_val", "4_test") for m in ("bpc", "loss", "ppl"))
     assert set(metrics) <= scalars  # the HPARAMS metrics are the run's own curves
     by_name = {n.split(" ", 1)[1]: v for n, v in values.items()}
-    assert (by_name["name"], by_name["model.hidden_size"], by_name["data.corpus"]) == ("tiny", 32, "tiny.txt")
+    assert (by_name["name"], by_name["model.hidden_size"], by_name["data.corpus"]) == ("tiny", 32, "tiny")
 
 
 def test_run_directories_are_named_for_the_experiment(tmp_path, corpus):
@@ -329,3 +329,25 @@ def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):
             spans.append((start, start + len(stream)))
     spans.sort()
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))  # disjoint
+
+
+def test_folder_and_pre_split_corpora_train_through_the_config(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(3):
+        (books / f"{i}.txt").write_text(make_text(3000, seed=i), encoding="utf-8")
+    base = [o for o in tiny_overrides(books, tmp_path / "a", "trainer.max_epochs=1", "sample_length=0")]
+    cfg = compose_train(base)
+    assert cfg.name == "books"
+    assert set(train(cfg)) >= {"val/bpc", "test/bpc"}
+    split = [o for o in base if not o.startswith(("data.path", "paths.output_dir"))] + [
+        "data.path=null",
+        f"data.train_path={books}/0.txt",
+        f"data.val_path={books}/1.txt",
+        f"data.test_path={books}/2.txt",
+        f"paths.output_dir={tmp_path / 'b'}",
+    ]
+    cfg = compose_train(split)
+    assert cfg.name == "books"  # a pre-split corpus is named for its folder
+    metrics = train(cfg)
+    assert math.isfinite(metrics["test/bpc"])
