@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,10 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
-def run_cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a script of the checkout (``train.py``, ``generate.py``) as a process."""
-    return _run([sys.executable, str(ROOT / script), *args], cwd)
+def run_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a script of the checkout (``train.py``, ``generate.py``) as a process, by default from a fresh
+    temporary directory, so that runs without ``hydra.run.dir`` leave no outputs/ in the checkout."""
+    return _run([sys.executable, str(ROOT / script), *args], cwd or Path(tempfile.mkdtemp(prefix="charlm-cli-")))
 
 
 def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
