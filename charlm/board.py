@@ -5,7 +5,8 @@ TensorBoard lists tag sections (the text before the first ``/``) in code-point o
 ones, so the metric names Lightning sees (``val/bpc``, ``train/loss_step``, ``lr-AdamW``, ...: what checkpoints
 monitor and the progress bar shows) are written under numbered sections:
 
-    1_val/{bpc,loss,ppl}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,skipped_steps}   4_test/*
+    1_val/{bpc,loss,ppl}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,chars_per_s,eta_min,...}
+    4_test/*
 
 Lightning's TensorBoardLogger has no tag mapping, adds an ``epoch`` scalar to every logging call, and its
 ``log_hyperparams(params, metrics)`` writes each metric again as a one-point scalar (the ``hp/*`` cards):
@@ -26,6 +27,8 @@ SECTIONS = (
     ("val/", "1_val/", "val/"),
     ("train/grad_norm", "3_optim/", "train/"),
     ("train/skipped_steps", "3_optim/", "train/"),
+    ("train/chars_per_s", "3_optim/", "train/"),
+    ("train/eta_min", "3_optim/", "train/"),
     ("train/", "2_train/", "train/"),
     ("lr-", "3_optim/", ""),
     ("test/", "4_test/", "test/"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -197,3 +197,39 @@ class PreemptionCheckpoint(pl.Callback):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+
+class Throughput(pl.Callback):
+    """Training speed in characters per second (all ranks together) and the time left, in the progress bar and
+    TensorBoard (``train/chars_per_s``, ``train/eta_min``), over the last ``window`` optimizer steps.
+
+    Lightning's ThroughputMonitor logs items per second to the loggers only, not to the progress bar, and knows
+    no time left; tqdm's own estimate covers the current epoch only. The time left is the smaller of what the
+    step limit (``max_epochs`` / ``max_steps``: Lightning's estimate of the run's steps) and ``max_time`` leave.
+    Validation time counts, as it does for the user waiting. ``clock`` is injectable for tests."""
+
+    def __init__(self, window: int = 50, clock: Callable[[], float] = time.monotonic):
+        if window < 1:
+            raise UserError(f"callbacks.throughput.window={window} must be at least 1.")
+        self.window, self.clock = window, clock
+        self._marks: list[tuple[float, int]] = []  # (time, characters trained so far) at each step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._marks, self._chars = [(self.clock(), 0)], 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        self._chars += batch[1].numel() * trainer.world_size  # y [B, T] on every rank
+        self._marks = [*self._marks[-self.window :], (self.clock(), self._chars)]
+        (t0, c0), (t1, c1) = self._marks[0], self._marks[-1]
+        if t1 <= t0:
+            return
+        steps_per_s = (len(self._marks) - 1) / (t1 - t0)
+        left = [(trainer.estimated_stepping_batches - trainer.global_step) / steps_per_s]
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer.time_remaining("train") is not None:
+            left.append(timer.time_remaining("train"))
+        finite = [s for s in left if math.isfinite(s)]
+        metrics = {"train/chars_per_s": (c1 - c0) / (t1 - t0)}
+        if finite:
+            metrics["train/eta_min"] = max(0.0, min(finite)) / 60
+        pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from charlm import UserError
+from charlm.callbacks import Throughput
 from charlm.cli import train
 from charlm.config import build
 from charlm.data import StreamBatches
@@ -206,3 +207,25 @@ def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_pat
     model.trainer = trainer
     with pytest.raises(UserError, match="model.scheduler=cosine needs a finite run"):
         model.configure_optimizers()
+
+
+def test_throughput_reports_characters_per_second_and_the_time_left(corpus, tmp_path):
+    """With a clock that advances 0.5 s per step, 4 x 16 characters per step is 128 characters/s, and the time
+    left is the steps left at 2 steps/s."""
+    cfg = compose_train(tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0"))
+    dm, model, trainer = build(cfg)
+    (meter,) = [c for c in trainer.callbacks if isinstance(c, Throughput)]
+    ticks = iter(range(10_000))
+    meter.clock = lambda: next(ticks) * 0.5
+    seen = []
+    record = pl.Callback()
+    record.on_train_batch_end = lambda tr, *_: seen.append(
+        (tr.global_step, float(tr.callback_metrics["train/chars_per_s"]), float(tr.callback_metrics["train/eta_min"]))
+    )
+    trainer.callbacks.append(record)
+    trainer.fit(model, datamodule=dm)
+    total = trainer.estimated_stepping_batches
+    assert len(seen) == total > 3
+    for step, chars_per_s, eta_min in seen:
+        assert chars_per_s == pytest.approx(4 * 16 * 2)
+        assert eta_min == pytest.approx((total - step) / 2 / 60)
