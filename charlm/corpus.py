@@ -125,14 +125,19 @@ def _files_key(files: list[Path], options: tuple) -> str:
 def _tokenize_files(
     files: list[Path], sep: str, preprocess: str, unk: str | None, tokens_npy: Path
 ) -> tuple[CharVocab, list[int]]:
-    """``_tokenize`` of the files joined by ``sep``: the vocab and each file's token count (its separator
-    counted with it), so that a pre-split corpus's parts are exact slices of the one token array."""
-    if preprocess != "none":
+    """Write the tokens of the files joined by ``sep`` to ``tokens_npy``; return the vocab and each file's token
+    count (its separator counted with it), so that a pre-split corpus's parts are exact slices of one array.
+
+    Without a preprocess the corpus is decoded once, one block at a time, and its first-seen ids wait in an
+    unnamed scratch file: both files go through the page cache, not this process's memory.
+    """
+    if preprocess != "none":  # a regex over the whole text: d2l's corpora are small
         pieces = [decode_corpus(read_corpus(f), f, preprocess) for f in files]
         joint = decode_corpus(sep.encode(), files[0], preprocess) if sep else ""
         text = joint.join(pieces)
         if not text:
-            raise _corpus_error(files[0], f"and the other files are empty after data.preprocess={preprocess}")
+            what = "and the other files are" if len(files) > 1 else "is"
+            raise _corpus_error(files[0], f"{what} empty after data.preprocess={preprocess}; use another file")
         vocab = CharVocab.from_text(text, unk=unk)
         np.save(tokens_npy, vocab.encode(text))
         return vocab, [len(p) + (len(joint) if i < len(files) - 1 else 0) for i, p in enumerate(pieces)]
@@ -156,35 +161,6 @@ def _tokenize_files(
         for ids in encoder.ids(vocab):
             out.write(ids)
     return vocab, counts
-
-
-def _tokenize(path: Path, preprocess: str, unk: str | None, tokens_npy: Path) -> CharVocab:
-    """Write the corpus's tokens to ``tokens_npy`` and return its vocab.
-
-    Without a preprocess the corpus is decoded once, one block at a time, and its first-seen ids wait in an
-    unnamed scratch file: both files go through the page cache, not this process's memory.
-    """
-    if preprocess != "none":  # a regex over the whole text: d2l's corpora are small
-        text = decode_corpus(read_corpus(path), path, preprocess)
-        if not text:
-            raise _corpus_error(path, f"is empty after data.preprocess={preprocess}; use another file")
-        vocab = CharVocab.from_text(text, unk=unk)
-        np.save(tokens_npy, vocab.encode(text))
-        return vocab
-    with tempfile.TemporaryFile(dir=tokens_npy.parent) as scratch, tokens_npy.open("wb") as out:
-        encoder = StreamEncoder(scratch)
-        try:
-            for block in _blocks(path):
-                encoder.write(block)
-            encoder.write(b"", final=True)
-        except UnicodeDecodeError as e:
-            raise _not_utf8(path, encoder.position + e.start) from None
-        vocab = encoder.vocab(unk)
-        header = {"descr": np.lib.format.dtype_to_descr(vocab.dtype), "fortran_order": False}
-        np.lib.format.write_array_header_1_0(out, header | {"shape": (len(encoder),)})
-        for ids in encoder.ids(vocab):
-            out.write(ids)
-    return vocab
 
 
 class _BadCache(Exception):
@@ -280,13 +256,9 @@ def _build(files: list[Path], sep: str, preprocess: str, unk: str | None, cache:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp", dir=cache.parent) as tmp:
         tokens_npy, vocab_json, manifest_json = (Path(tmp) / name for name in _FILES)
-        if len(files) == 1:
-            _tokenize(files[0], preprocess, unk, tokens_npy).save(vocab_json)
-            manifest = _manifest(tokens_npy, vocab_json)
-        else:
-            vocab, counts = _tokenize_files(files, sep, preprocess, unk, tokens_npy)
-            vocab.save(vocab_json)
-            manifest = _manifest(tokens_npy, vocab_json) | {"file_tokens": counts}
+        vocab, counts = _tokenize_files(files, sep, preprocess, unk, tokens_npy)
+        vocab.save(vocab_json)
+        manifest = _manifest(tokens_npy, vocab_json) | ({"file_tokens": counts} if len(files) > 1 else {})
         manifest_json.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         cache.mkdir(exist_ok=True)
         for name in _FILES:
