@@ -1,13 +1,21 @@
-"""Training speed of the fused torch kernels vs the cell equations of charlm/cells.py (``model.impl``).
+"""Training speed of the fused torch kernels vs the cell equations of charlm/cells.py (``model.impl``), and of
+minGRU / minLSTM against an LSTM with as many parameters.
 
-    .venv/bin/python -m bench.cells                       # lstm, gru, rnn_tanh at hidden 128, 256, 512
+    .venv/bin/python -m bench.cells                       # lstm, gru, rnn_tanh at hidden 128, 256, 512; then
+                                                          # mingru, minlstm vs a 2x512 LSTM at equal parameters
     .venv/bin/python -m bench.cells --cells lstm --hidden 256 --repeats 5
+    .venv/bin/python -m bench.cells --cells mingru minlstm   # the min cells' scan (fused) vs their time loop
+    .venv/bin/python -m bench.cells --quick               # tiny sizes: checks that it runs, measures nothing
 
 One training step = forward, cross-entropy, backward and an SGD update of a whole ``RNNStack`` (embedding,
 ``--layers`` layers, decoder) on a ``--batch`` x ``--seq-len`` batch of random characters. The two
 implementations share weights and alternate (fused, scratch, fused, ...) so drift in the machine's speed
 hits both; each figure is the median over ``--repeats`` timings of ``--steps`` steps. Target: scratch at
-least 0.5x fused at hidden 256 on CPU.
+least 0.5x fused at hidden 256 on CPU (for the LSTM, GRU and RNN: the min cells' scratch is their reference loop).
+
+Equal parameters (``--match-lstm H``, 0 skips it): a fused ``--layers`` x H LSTM against each of ``--min-cells``
+(parallel scan) at the hidden size whose whole ``RNNStack`` (embedding = hidden, layers, decoder) has the
+parameter count closest to the LSTM's; timed the same way, alternating all of them.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import describe, machine_info, table, write_json
+from charlm.mincells import MIN_GATES
 from charlm.model import RNNConfig, RNNStack
 
 TARGET_RATIO_AT_256 = 0.5
+QUICK = {"hidden": [16], "batch": 4, "seq_len": 8, "steps": 1, "repeats": 1, "match_lstm": 16}
 
 
 def train_steps(net: RNNStack, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
@@ -38,25 +48,64 @@ def train_steps(net: RNNStack, x: torch.Tensor, y: torch.Tensor, steps: int) -> 
     return time.perf_counter() - start
 
 
-def measure(cell: str, hidden: int, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    nets = {
-        impl: RNNStack(
-            args.vocab, RNNConfig(cell=cell, num_layers=args.layers, hidden_size=hidden, dropout=0.0, impl=impl)
-        )
-        for impl in ("fused", "scratch")
-    }
-    nets["scratch"].load_state_dict(nets["fused"].state_dict())
+def median_speeds(nets: dict[str, RNNStack], args: argparse.Namespace) -> dict[str, float]:
+    """Training characters/s of each net: the median over ``--repeats`` alternating timings."""
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     y = torch.randint(0, args.vocab, (args.batch, args.seq_len))
-    times = {impl: [] for impl in nets}
+    times = {name: [] for name in nets}
     for net in nets.values():
         train_steps(net, x, y, 1)  # warm-up: allocator, oneDNN primitive caches
     for _ in range(args.repeats):
-        for impl, net in nets.items():
-            times[impl].append(train_steps(net, x, y, args.steps))
+        for name, net in nets.items():
+            times[name].append(train_steps(net, x, y, args.steps))
     chars = args.batch * args.seq_len * args.steps
-    speed = {impl: chars / statistics.median(t) for impl, t in times.items()}
+    return {name: chars / statistics.median(t) for name, t in times.items()}
+
+
+def config(cell: str, hidden: int, args: argparse.Namespace, impl: str = "fused") -> RNNConfig:
+    return RNNConfig(cell=cell, num_layers=args.layers, hidden_size=hidden, dropout=0.0, impl=impl)
+
+
+def param_count(cell: str, hidden: int, args: argparse.Namespace) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        return sum(p.numel() for p in RNNStack(args.vocab, config(cell, hidden, args)).parameters())
+
+
+def matching_hidden(cell: str, target: int, args: argparse.Namespace) -> int:
+    """The hidden size whose ``cell`` stack has the parameter count closest to ``target`` (it grows with H)."""
+    lo, hi = 1, 1
+    while param_count(cell, hi, args) < target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # param_count(lo) < target <= param_count(hi), once the doubling has run
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if param_count(cell, mid, args) < target else (lo, mid)
+    return min((lo, hi), key=lambda h: abs(param_count(cell, h, args) - target))
+
+
+def measure_equal_params(args: argparse.Namespace) -> list[dict]:
+    """A fused LSTM of ``--match-lstm`` units against each min cell at the same parameter count."""
+    target = param_count("lstm", args.match_lstm, args)
+    hidden = {"lstm": args.match_lstm} | {cell: matching_hidden(cell, target, args) for cell in args.min_cells}
+    torch.manual_seed(0)
+    nets = {cell: RNNStack(args.vocab, config(cell, h, args)) for cell, h in hidden.items()}
+    speed = median_speeds(nets, args)
+    return [
+        {
+            "cell": cell,
+            "hidden": h,
+            "params": param_count(cell, h, args),
+            "chars_per_s": speed[cell],
+            "vs_lstm": speed[cell] / speed["lstm"],
+        }
+        for cell, h in hidden.items()
+    ]
+
+
+def measure(cell: str, hidden: int, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    nets = {impl: RNNStack(args.vocab, config(cell, hidden, args, impl)) for impl in ("fused", "scratch")}
+    nets["scratch"].load_state_dict(nets["fused"].state_dict())
+    speed = median_speeds(nets, args)
     return {
         "cell": cell,
         "hidden": hidden,
@@ -76,8 +125,14 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--steps", type=int, default=3, help="training steps per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per implementation; the median is reported")
+    p.add_argument("--match-lstm", type=int, default=512, help="the LSTM hidden size to match; 0: skip that table")
+    p.add_argument("--min-cells", nargs="+", default=list(MIN_GATES), choices=list(MIN_GATES))
+    p.add_argument("--quick", action="store_true", help=f"tiny sizes, to check that it runs: {QUICK}")
     p.add_argument("--json", default="outputs/bench/cells.json")
     args = p.parse_args()
+    if args.quick:  # tiny defaults; what the command line gives still wins
+        p.set_defaults(**QUICK)
+        args = p.parse_args()
 
     info = machine_info()
     print(describe(info))
@@ -104,12 +159,25 @@ def main() -> None:
             ],
         )
     )  # fmt: skip
-    at_256 = [r["ratio"] for r in rows if r["hidden"] == 256]
+    at_256 = [r["ratio"] for r in rows if r["hidden"] == 256 and r["cell"] not in MIN_GATES]
     if at_256:
         met = min(at_256) >= TARGET_RATIO_AT_256
         print(f"\ntarget scratch >= {TARGET_RATIO_AT_256}x fused at hidden 256: {'met' if met else 'MISSED'}"
               f" (lowest {min(at_256):.2f})")  # fmt: skip
-    path = write_json(args.json, {"machine": info, "args": vars(args), "results": rows})
+    equal = []
+    if args.match_lstm:
+        equal = measure_equal_params(args)
+        print(
+            f"\nequal parameter count: {args.layers}x{args.match_lstm} LSTM (fused) vs the min cells (parallel scan)\n"
+        )
+        print(
+            table(
+                ["cell", "hidden", "params", "chars/s", "vs lstm"],
+                [[r["cell"], r["hidden"], f"{r['params']:,}", f"{r['chars_per_s']:,.0f}", f"{r['vs_lstm']:.2f}"]
+                 for r in equal],
+            )
+        )  # fmt: skip
+    path = write_json(args.json, {"machine": info, "args": vars(args), "results": rows, "equal_params": equal})
     print(f"JSON: {path}")
 
 

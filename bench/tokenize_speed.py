@@ -1,10 +1,10 @@
-"""Benchmark corpus -> token cache: ``charlm.corpus.load_tokens`` on a built corpus, first run and cached reload.
+"""Benchmark corpus -> token cache: ``charlm.cache.load_tokens`` on a built corpus, first run and cached reload.
 
     .venv/bin/python -m bench.tokenize_speed --mb 100
 
 The corpus is The Time Machine and Tiny Shakespeare, line by line, with a Chinese, accented-Latin, Greek /
 Cyrillic / Hebrew / Arabic or emoji line after every 20th, repeated up to ``--mb`` megabytes (10^6 bytes).
-Each measurement runs in a fresh Python process that first imports charlm.corpus (numpy):
+Each measurement runs in a fresh Python process that first imports charlm.cache (numpy):
 its RSS then is the import baseline. On Linux the process resets its RSS high-water mark to that baseline
 (/proc/self/clear_refs), so the peak it reports afterwards (VmHWM) belongs to the ``load_tokens`` call
 alone; elsewhere it falls back to ``ru_maxrss``, which also counts the import's transient peak. Targets:
@@ -74,7 +74,7 @@ def max_rss() -> int:
 
 def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
     """One ``load_tokens`` call in this fresh process: its seconds, the RSS before it, and its peak RSS."""
-    from charlm.corpus import load_tokens  # here: only the measuring processes need it
+    from charlm.cache import load_tokens  # here: only the measuring processes need it
 
     clear_refs = Path("/proc/self/clear_refs")
     if clear_refs.exists():
@@ -84,7 +84,7 @@ def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
         baseline = max_rss()
     cached = cache_dir.is_dir() and any(cache_dir.iterdir())
     start = time.perf_counter()
-    tokens, vocab = load_tokens(corpus, preprocess, "\ufffd", cache_dir)
+    tokens, vocab = load_tokens(corpus, cache_dir, preprocess=preprocess)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,

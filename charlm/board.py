@@ -5,7 +5,7 @@ TensorBoard lists tag sections (the text before the first ``/``) in code-point o
 ones, so the metric names Lightning sees (``val/bpc``, ``train/loss_step``, ``lr-AdamW``, ...: what checkpoints
 monitor and the progress bar shows) are written under numbered sections:
 
-    1_val/{bpc,loss,ppl}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,chars_per_s,eta_min,...}
+    1_val/{bpc,loss,ppl,full_*}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,chars_per_s,eta_min,...}
     4_test/*
 
 Lightning's TensorBoardLogger has no tag mapping, adds an ``epoch`` scalar to every logging call, and its
@@ -25,6 +25,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 # the first match wins
 SECTIONS = (
     ("val/", "1_val/", "val/"),
+    ("val_full/", "1_val/full_", "val_full/"),  # the whole val split after training on data.val_chars
     ("train/grad_norm", "3_optim/", "train/"),
     ("train/skipped_steps", "3_optim/", "train/"),
     ("train/chars_per_s", "3_optim/", "train/"),

@@ -6,6 +6,9 @@ Every cell splits its pre-activations into an input part ``gi = W_ih x_t + b_ih`
 same parameters under the same names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``)
 and a checkpoint moves between ``model.impl=fused`` and ``model.impl=scratch`` with no conversion.
 
+With ``proj_size`` = P > 0 the LSTM is an LSTMP (Sak et al. 2014, as ``nn.LSTM(proj_size=P)``): h_t = W_hr
+(o_t * tanh(C_t)) is P wide, W_hh is [4H, P], and ``weight_hr_l0`` [P, H] holds W_hr.
+
 Speed: the input projection of all timesteps is one matmul before the loop; each step then does one
 ``[B, H] @ [H, G*H]`` matmul plus the cell's elementwise math.
 """
@@ -41,25 +44,36 @@ def gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tenso
     return n + z * (h - n)  # = z * h + (1 - z) * n
 
 
-def lstm_cell(gi: torch.Tensor, gh: torch.Tensor, c: torch.Tensor, norm_c=None) -> tuple[torch.Tensor, torch.Tensor]:
+def lstm_cell(
+    gi: torch.Tensor, gh: torch.Tensor, c: torch.Tensor, norm_c=None, weight_hr: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM (Hochreiter & Schmidhuber 1997, with forget gate, as in nn.LSTM):
     i_t, f_t, o_t = sigmoid(W_i* x_t + b_i* + W_h* h_(t-1) + b_h*)    input, forget, output gates
     C~_t = tanh(W_ig x_t + b_ig + W_hg h_(t-1) + b_hg)               candidate cell
     C_t = f_t * C_(t-1) + i_t * C~_t
     h_t = o_t * tanh(C_t)                                            (tanh(LN(C_t)) in the layer-norm LSTM)
+    h_t = W_hr (o_t * tanh(C_t))                                     with a projection (LSTMP): [N, P]
     """
     i, f, g, o = (gi + gh).chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c if norm_c is None else norm_c(c))
-    return h, c
+    h = torch.sigmoid(o) * torch.tanh(c if norm_c is None else norm_c(c))  # [N, H]
+    return (h if weight_hr is None else F.linear(h, weight_hr)), c
 
 
 def cell_step(
-    cell: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, norm_c=None
+    cell: str,
+    gi: torch.Tensor,
+    gh: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor | None,
+    norm_c=None,
+    weight_hr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One timestep of ``cell`` from its two projections: (h_(t-1), C_(t-1)) -> (h_t, C_t); C is None but for LSTM."""
+    """One timestep of ``cell`` from its two projections: (h_(t-1), C_(t-1)) -> (h_t, C_t); C is None but for LSTM.
+
+    ``weight_hr`` [P, H]: the LSTM's projection, if it has one."""
     if cell == "lstm":
-        return lstm_cell(gi, gh, c, norm_c)
+        return lstm_cell(gi, gh, c, norm_c, weight_hr)
     if cell == "gru":
         return gru_cell(gi, gh, h), None
     return rnn_cell(gi, gh, relu=cell == "rnn_relu"), None
@@ -91,6 +105,7 @@ class ScratchLayer(nn.Module):
     - ``layer_norm``: layer-normalised cell (Ba et al. 2016): LN over W_ih x and W_hh h separately, and over
       C_t before its tanh for the LSTM.
     Weight-drop on W_hh is applied by the caller (``RNNStack``), identically for fused and scratch layers.
+    ``proj_size`` = P > 0 (LSTM only): the LSTMP of the module doc, parameters as ``nn.LSTM(proj_size=P)``.
     """
 
     def __init__(
@@ -100,14 +115,17 @@ class ScratchLayer(nn.Module):
         hidden_size: int,
         recurrent_dropout: float = 0.0,
         layer_norm: bool = False,
+        proj_size: int = 0,
     ):
         super().__init__()
         self.cell, self.hidden_size, self.recurrent_dropout = cell, hidden_size, recurrent_dropout
+        self.output_size = proj_size or hidden_size  # the width of h_t
         gh = GATES[cell] * hidden_size
         self.weight_ih_l0 = nn.Parameter(torch.empty(gh, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(gh, hidden_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gh, self.output_size))
         self.bias_ih_l0 = nn.Parameter(torch.empty(gh))
         self.bias_hh_l0 = nn.Parameter(torch.empty(gh))
+        self.weight_hr_l0 = nn.Parameter(torch.empty(proj_size, hidden_size)) if proj_size else None
         bound = 1 / math.sqrt(hidden_size)  # nn.RNN's init
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
@@ -118,18 +136,20 @@ class ScratchLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, state: torch.Tensor, weight_hh: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, I], state [S, B, H] (S = 2 for LSTM: h, C) -> outputs [B, T, H], final state [S, B, H].
+        """x [B, T, I], state [S, B, H] (S = 2 for LSTM: h, C) -> outputs [B, T, P], final state [S, B, H].
 
+        P = H but for the LSTMP, whose h [B, P] fills the first P columns of its state slot (zeros after them).
         ``weight_hh`` replaces W_hh for this call (weight-drop passes the masked matrix)."""
         gis = project_input(self, x).transpose(0, 1)  # [T, B, G*H]: contiguous rows per step below
-        h, c = state[0], (state[1] if self.cell == "lstm" else None)
+        h, c = state[0, :, : self.output_size], (state[1] if self.cell == "lstm" else None)  # [B, P], [B, H]
         mask = None
         if self.training and self.recurrent_dropout > 0:  # one mask per sequence, shared by every step
             mask = F.dropout(torch.ones_like(h), self.recurrent_dropout, training=True)
         outs = []
         for gi in gis:
             gh = project_hidden(self, h if mask is None else h * mask, weight_hh)
-            h, c = cell_step(self.cell, gi, gh, h, c, self.norm_c)
+            h, c = cell_step(self.cell, gi, gh, h, c, self.norm_c, self.weight_hr_l0)
             outs.append(h)
+        h = F.pad(h, (0, self.hidden_size - self.output_size))  # [B, H]: the state's width
         new_state = torch.stack((h, c)) if c is not None else h[None]
         return torch.stack(outs, dim=1), new_state

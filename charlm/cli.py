@@ -24,8 +24,10 @@ from charlm import UserError, reported_user_errors
 from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build, corpus_name
-from charlm.module import STAGES, CharLM, load_checkpoint
+from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
+
+REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -39,12 +41,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         where = f"; resume with ckpt_path={stop.ckpt_path}" if stop else ""
         print(f"stopped by {name} after step {trainer.global_step}{where}", file=sys.stderr)
         raise SystemExit(130 if name == "SIGINT" else 143) from None
-    epoch_metrics = [f"{stage}/{name}" for stage in STAGES for name in ("loss", "ppl", "bpc")]
+    epoch_metrics = [f"{stage}/{name}" for stage in REPORTED for name in ("loss", "ppl", model.vocab.bits)]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     last_cb = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     best = best_cb.best_model_path if best_cb else ""
     last = str(last_cb.path) if last_cb and last_cb.path.is_file() else ""
+    if dm.val_is_cut:  # validation during training saw data.val_chars of the val split: now all of it
+        dm.full_val, model.val_name = True, "val_full"
+        trainer.validate(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     run_test = bool(cfg.test and dm.splits[2] > 0)
     if run_test:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
@@ -87,11 +93,12 @@ def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
 def report(
     cfg: DictConfig, trainer: pl.Trainer, model: CharLM, metrics: dict[str, float], weights: str, best: str, last: str
 ) -> None:
-    for stage in STAGES:
+    bits = model.vocab.bits
+    for stage in REPORTED:
         if f"{stage}/loss" in metrics:
             print(
                 f"{stage}: loss {metrics[f'{stage}/loss']:.4f} nats | ppl {metrics[f'{stage}/ppl']:.3f}"
-                f" | bpc {metrics[f'{stage}/bpc']:.4f}"
+                f" | {bits} {metrics[f'{stage}/{bits}']:.4f}"
             )
     if cfg.sample_length:
         model.eval()

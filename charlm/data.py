@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -10,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from charlm import UserError
-from charlm.corpus import load_split, load_tokens
-from charlm.vocab import CharVocab
+from charlm.cache import load_split, load_tokens
+from charlm.corpus import Preset, Tokenizing
+from charlm.vocab import Vocab
 
 SAMPLING = ("tbptt", "random")
 STAGES = ("train", "val", "test")
@@ -124,10 +126,16 @@ def _to_long(a: np.ndarray) -> torch.Tensor:
 
 
 class CharDataModule(pl.LightningDataModule):
-    """Character corpus -> (x, y, reset) batches per stage, sharded by rank without a DistributedSampler.
+    """Character (or byte) corpus -> (x, y, reset) batches per stage, sharded by rank without a DistributedSampler.
 
     Evaluation always uses TBPTT streams of ``eval_batch_size`` with the state carried, so that val / test
-    numbers cover every character of the split once and do not depend on the training sampler.
+    numbers cover every token of the split once and do not depend on the training sampler. ``val_chars``
+    limits validation during training to the first ``val_chars`` tokens of the val split (a fixed slice, the
+    same every time); ``full_val = True`` lifts it, for the full evaluation at the end of a run.
+
+    The corpus is one of: ``path`` (a file, a folder or a glob, cut by ``splits``); ``path`` a folder holding
+    the three ``split_files``; or ``train_path``, ``val_path`` and ``test_path``. ``preset`` names a standard
+    corpus (``Preset``'s fields), so a missing file gets an error saying where it goes and how to get it.
     """
 
     def __init__(
@@ -145,54 +153,57 @@ class CharDataModule(pl.LightningDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
+        unit: str = "char",
+        split_files: Sequence[str] | None = None,
+        preset: dict | None = None,
+        val_chars: int | None = None,
     ):
         super().__init__()
-        split = {"train_path": train_path, "val_path": val_path, "test_path": test_path}
-        given = [name for name, value in split.items() if value]
-        if given and len(given) < 3:
-            missing = ", ".join(f"data.{name}" for name in split if name not in given)
-            raise UserError(f"a pre-split corpus needs all three of its files; also give {missing}.")
-        if given and path:
-            raise UserError(
-                "data.path and data.train_path / val_path / test_path are both given; pass one corpus"
-                " (e.g. add data.path=null)."
-            )
-        if not given and not path:
-            raise UserError(
-                "no corpus given; pass data.path=FILE (or a folder, or a glob such as 'books/*.txt'), or"
-                " data.train_path, data.val_path and data.test_path."
-            )
-        self.split_paths = [train_path, val_path, test_path] if given else None
+        self.tokenizing = Tokenizing(unit=unit, preprocess=preprocess, unk=unk)
+        self.split_paths = _split_paths(path, train_path, val_path, test_path, split_files)
+        if preset:
+            Preset(**preset).check(path, split_files or ())
         if sampling not in SAMPLING:
             raise UserError(f"data.sampling={sampling!r} is not known; use one of {', '.join(SAMPLING)}.")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"data.{name}={value!r} must be a positive integer; set it to 1 or more.")
+        if val_chars is not None and (isinstance(val_chars, bool) or not isinstance(val_chars, int) or val_chars < 1):
+            raise UserError(f"data.val_chars={val_chars!r} must be a positive integer, or null for the whole split.")
         self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
         self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
         self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
+        self.val_chars, self.full_val = val_chars, False
         self._parts: dict[str, np.ndarray] = {}
-        self._vocab: CharVocab | None = None
+        self._vocab: Vocab | None = None
         self._train: StreamBatches | RandomWindows | None = None
         self._resume_position = 0
 
-    def _load(self) -> tuple[dict[str, np.ndarray], CharVocab]:
+    def _load(self) -> tuple[dict[str, np.ndarray], Vocab]:
         if self._vocab is None:
+            options = vars(self.tokenizing)
             if self.split_paths:  # as it comes: data.splits does not apply
-                parts, self._vocab = load_split(self.split_paths, self.preprocess, self.unk, self.cache_dir)
+                parts, self._vocab = load_split(self.split_paths, self.cache_dir, **options)
                 self._parts = dict(zip(STAGES, parts, strict=True))
             else:
-                tokens, self._vocab = load_tokens(self.path, self.preprocess, self.unk, self.cache_dir)
+                tokens, self._vocab = load_tokens(self.path, self.cache_dir, **options)
                 self._parts = split_tokens(tokens, self.splits)
         return self._parts, self._vocab
 
     @property
-    def vocab(self) -> CharVocab:
+    def vocab(self) -> Vocab:
         return self._load()[1]
 
     @property
     def parts(self) -> dict[str, np.ndarray]:
-        return self._load()[0]
+        """The splits' tokens; the val split cut to ``val_chars`` unless ``full_val``."""
+        parts = self._load()[0]
+        return parts | {"val": parts["val"][: self.val_chars]} if self.val_is_cut and not self.full_val else parts
+
+    @property
+    def val_is_cut(self) -> bool:
+        """Whether ``val_chars`` leaves part of the val split out of validation during training."""
+        return bool(self.val_chars) and self.val_chars < len(self._load()[0]["val"])
 
     def check_sizes(self, world_size: int = 1) -> None:
         """Raise a UserError, before any training, if a split cannot fill one batch on every rank."""
@@ -204,7 +215,7 @@ class CharDataModule(pl.LightningDataModule):
             if len(part) < need:
                 name = "batch_size" if stage == "train" else "eval_batch_size"
                 raise UserError(
-                    f"the {stage} split has {len(part):,} characters but data.{name}={batch} x seq_len"
+                    f"the {stage} split has {len(part):,} {self.tokenizing.unit}s but data.{name}={batch} x seq_len"
                     f" {self.seq_len} x {world_size} rank(s) needs at least {need:,}; lower data.{name} /"
                     " data.seq_len or use a larger corpus."
                 )
@@ -259,3 +270,32 @@ class CharDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def _split_paths(
+    path: str | None, train: str | None, val: str | None, test: str | None, files: Sequence[str] | None
+) -> list[str] | None:
+    """The three files of a pre-split corpus, or None for one corpus that ``data.splits`` cuts."""
+    split = {"train_path": train, "val_path": val, "test_path": test}
+    given = [name for name, value in split.items() if value]
+    if given and len(given) < 3:
+        missing = ", ".join(f"data.{name}" for name in split if name not in given)
+        raise UserError(f"a pre-split corpus needs all three of its files; also give {missing}.")
+    if given and path:
+        raise UserError(
+            "data.path and data.train_path / val_path / test_path are both given; pass one corpus"
+            " (e.g. add data.path=null)."
+        )
+    if not given and not path:
+        raise UserError(
+            "no corpus given; pass data.path=FILE (or a folder, or a glob such as 'books/*.txt'), or"
+            " data.train_path, data.val_path and data.test_path."
+        )
+    if files:
+        if given or len(files) != 3:
+            raise UserError(
+                "data.split_files names the train, val and test files inside the folder data.path; give three"
+                " names, and no data.train_path / val_path / test_path."
+            )
+        return [str(Path(path).expanduser() / name) for name in files]
+    return [train, val, test] if given else None

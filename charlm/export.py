@@ -48,13 +48,15 @@ class StepGraph(nn.Module):
 def vocab_metadata(model: CharLM) -> dict:
     """What a consumer of the step model needs besides the graph.
 
-    ``chars``: the character of each id, in id order; ``state_shape``: the zero state of one stream, [S, L, 1, H]
+    ``unit``: ``char``, or ``byte`` (id = byte value; text is UTF-8); ``chars``: the character of each id, in id
+    order (null for bytes); ``state_shape``: the zero state of one stream, [S, L, 1, H]
     (N streams: N in place of the 1); ``start``: the character ``charlm-generate`` feeds, unechoed, when the
     prompt is empty; ``unk`` (or null): where ``unknown=unk`` maps characters outside ``chars``."""
     net, vocab = model.net, model.vocab
     return {
         "format": VOCAB_FORMAT,
-        "chars": "".join(vocab.chars),
+        "unit": vocab.unit,  # byte: id = the byte's value, and "chars" is null
+        "chars": "".join(vocab.chars) if vocab.unit == "char" else None,
         "unk": vocab.unk,
         "start": vocab.decode(start_ids(vocab, "")),
         "cell": net.cell,

@@ -11,7 +11,12 @@ Regularisers beyond Zaremba (all off by default, all inactive in eval mode):
 - ``recurrent_dropout``: variational dropout on h(t-1) inside the recurrence (scratch only; leaves Zaremba).
 - ``weight_drop``: DropConnect on every W_hh, one mask per forward call (Merity et al. 2017, AWD-LSTM);
   fused layers run on the masked matrix through ``torch.func.functional_call``.
-- ``layer_norm``: layer-normalised cells (Ba et al. 2016; scratch only).
+- ``layer_norm``: layer-normalised cells (Ba et al. 2016; scratch only, but for the min cells).
+
+``cell="mingru" | "minlstm"`` (``charlm.mincells``): gates from x_t alone, trained through a parallel scan
+(``impl="fused"``) or the same equations stepped in Python (``impl="scratch"``). With no W_hh, weight-drop and
+recurrent dropout have nothing to act on and are refused; layer norm (of W_ih x) and every dropout above apply.
+``proj_size`` = P > 0 makes the LSTM an LSTMP, whose h is P wide: the layer above and the decoder take P inputs.
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ from torch import nn
 
 from charlm import UserError
 from charlm.cells import ScratchLayer
+from charlm.mincells import MIN_GATES, MinLayer
 
+# cell -> the layer that model.impl=fused builds, and its keyword arguments (MinLayer's: see make_layer).
 CELLS = {
     "lstm": (nn.LSTM, {}),
     "gru": (nn.GRU, {}),
     "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+    "mingru": (MinLayer, {}),
+    "minlstm": (MinLayer, {}),
 }
 
 # The recurrent state of the whole stack is one tensor [S, L, B, H]: S = 2 (h, c) for LSTM, else 1 (h).
-# One shape for every cell keeps carrying, detaching and resetting state a one-liner.
+# One shape for every cell keeps carrying, detaching and resetting state a one-liner. An LSTMP's h is only
+# P < H wide: it fills the first P columns of its slot, and the rest stay zero.
 State = torch.Tensor
 IMPLS = ("fused", "scratch")
 
@@ -64,7 +74,7 @@ class RNNConfig:
     Validated on construction; every error is one sentence naming the ``model.*`` setting to change.
     """
 
-    cell: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu
+    cell: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu | mingru | minlstm
     num_layers: int = 2
     hidden_size: int = 256
     embedding_size: int | None = None  # None: = hidden_size; 0: one-hot input (d2l)
@@ -75,12 +85,13 @@ class RNNConfig:
     locked_dropout: bool = False  # one dropout mask per sequence, shared across time (Gal & Ghahramani)
     recurrent_dropout: float = 0.0  # variational dropout on h(t-1); impl=scratch only (leaves Zaremba)
     weight_drop: float = 0.0  # DropConnect on W_hh, one mask per batch (AWD-LSTM); fused or scratch
-    layer_norm: bool = False  # layer-normalised cells (Ba et al.); impl=scratch only
+    layer_norm: bool = False  # layer-normalised cells (Ba et al.); impl=scratch only, but for the min cells
+    proj_size: int = 0  # LSTMP: h_t = W_hr (o_t * tanh C_t), P < hidden_size wide (cell=lstm); 0: no projection
 
     def __post_init__(self) -> None:
         if not isinstance(self.cell, str) or self.cell not in CELLS:
             raise UserError(f"model.cell={self.cell!r} is not a known cell; use one of {', '.join(CELLS)}.")
-        for name, minimum in (("num_layers", 1), ("hidden_size", 1)):
+        for name, minimum in (("num_layers", 1), ("hidden_size", 1), ("proj_size", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise UserError(f"model.{name}={value!r} must be a whole number >= {minimum}; e.g. model.{name}=2.")
@@ -96,15 +107,39 @@ class RNNConfig:
                 raise UserError(f"model.{name}={getattr(self, name)!r} must be true or false.")
         if not isinstance(self.impl, str) or self.impl not in IMPLS:
             raise UserError(f"model.impl={self.impl!r} is not known; use model.impl=fused or model.impl=scratch.")
+        if self.cell in MIN_GATES:
+            for name, what in (
+                ("weight_drop", "drops entries of W_hh"),
+                ("recurrent_dropout", "drops h(t-1) in W_hh h(t-1)"),
+            ):
+                if getattr(self, name) > 0:
+                    raise UserError(
+                        f"model.{name} {what}, but model.cell={self.cell} has no W_hh (its gates read x_t alone);"
+                        f" set model.{name}=0, or regularise with model.dropout or model.locked_dropout."
+                    )
+        if self.proj_size and self.cell != "lstm":
+            raise UserError(
+                f"model.proj_size projects an LSTM's h, not a {self.cell}'s; set model.proj_size=0 or model.cell=lstm."
+            )
+        if self.proj_size >= self.hidden_size:
+            raise UserError(
+                f"model.proj_size={self.proj_size} must be smaller than model.hidden_size={self.hidden_size};"
+                f" e.g. model.proj_size={self.hidden_size // 2}, or 0 for no projection."
+            )
         for name, on in (("recurrent_dropout", self.recurrent_dropout > 0), ("layer_norm", self.layer_norm)):
-            if on and self.impl == "fused":
+            if on and self.impl == "fused" and self.cell not in MIN_GATES:
                 raise UserError(
                     f"model.{name} needs the cell equations, which fused kernels hide; set model.impl=scratch."
                 )
         scale = self.init_scale
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0):
             raise UserError(f"model.init_scale={scale!r} must be positive, or null for torch's default init.")
-        if self.tie_weights and self.input_size != self.hidden_size:
+        if self.tie_weights and self.input_size != self.output_size:
+            if self.proj_size:
+                raise UserError(
+                    f"model.tie_weights needs embedding_size == proj_size (got {emb} vs {self.proj_size});"
+                    f" set model.embedding_size={self.proj_size} or model.tie_weights=false."
+                )
             raise UserError(
                 f"model.tie_weights needs embedding_size == hidden_size (got {emb} vs {self.hidden_size});"
                 " set model.embedding_size=null or model.tie_weights=false."
@@ -114,6 +149,24 @@ class RNNConfig:
     def input_size(self) -> int:
         """The embedding width (0: one-hot input)."""
         return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+    @property
+    def output_size(self) -> int:
+        """The width of each layer's h: what the next layer and the decoder take."""
+        return self.proj_size or self.hidden_size
+
+
+def make_layer(cfg: RNNConfig, input_size: int) -> nn.Module:
+    """One recurrent layer of ``cfg``: a fused torch layer, a ``ScratchLayer`` or a ``MinLayer``."""
+    if cfg.cell in MIN_GATES:
+        return MinLayer(cfg.cell, input_size, cfg.hidden_size, parallel=cfg.impl == "fused", layer_norm=cfg.layer_norm)
+    if cfg.impl == "scratch":
+        return ScratchLayer(
+            cfg.cell, input_size, cfg.hidden_size, cfg.recurrent_dropout, cfg.layer_norm, proj_size=cfg.proj_size
+        )
+    rnn_cls, kwargs = CELLS[cfg.cell]
+    proj = {"proj_size": cfg.proj_size} if cfg.proj_size else {}  # nn.GRU / nn.RNN refuse the argument
+    return rnn_cls(input_size, cfg.hidden_size, batch_first=True, **kwargs, **proj)
 
 
 class RNNStack(nn.Module):
@@ -130,17 +183,11 @@ class RNNStack(nn.Module):
         emb = cfg.input_size
         self.embedding = nn.Embedding(vocab_size, emb) if emb else None
         in_size = emb or vocab_size
-        rnn_cls, kwargs = CELLS[cfg.cell]
-        sizes = [in_size] + [cfg.hidden_size] * (cfg.num_layers - 1)
-        self.layers = nn.ModuleList(
-            rnn_cls(n, cfg.hidden_size, batch_first=True, **kwargs)
-            if cfg.impl == "fused"
-            else ScratchLayer(cfg.cell, n, cfg.hidden_size, cfg.recurrent_dropout, cfg.layer_norm)
-            for n in sizes
-        )
+        sizes = [in_size] + [cfg.output_size] * (cfg.num_layers - 1)
+        self.layers = nn.ModuleList(make_layer(cfg, n) for n in sizes)
         # Stateless, so one module serves every non-recurrent connection.
         self.drop = LockedDropout(cfg.dropout) if cfg.locked_dropout else nn.Dropout(cfg.dropout)
-        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        self.decoder = nn.Linear(cfg.output_size, vocab_size)
         if cfg.init_scale is not None:
             for name, p in self.named_parameters():
                 if ".norm_" not in name:  # layer norms keep gain 1, shift 0
@@ -165,7 +212,7 @@ class RNNStack(nn.Module):
         for k, layer in enumerate(self.layers):
             if k > 0:
                 h = self.drop(h)  # between layers: the vertical, non-recurrent connection
-            h, layer_state = self._run_layer(layer, h, state[:, k])  # [B, T, H], [S, B, H]
+            h, layer_state = self._run_layer(layer, h, state[:, k])  # [B, T, P], [S, B, H] (P = H but for LSTMP)
             new_state.append(layer_state)
         logits = self.decoder(self.drop(h))  # [B, T, V]
         return logits, torch.stack(new_state, dim=1)  # [S, L, B, H]
@@ -174,11 +221,17 @@ class RNNStack(nn.Module):
         weight_hh = None
         if self.training and self.weight_drop > 0:  # DropConnect: one W_hh mask for the whole batch and sequence
             weight_hh = F.dropout(layer.weight_hh_l0, self.weight_drop, training=True)
+        if isinstance(layer, MinLayer):
+            return layer(h, state)
         if isinstance(layer, ScratchLayer):
             return layer(h, state, weight_hh)
-        layer_state = (state[0:1], state[1:2]) if self.cell == "lstm" else state[0:1]
+        p = self.cfg.output_size
+        layer_state = (state[0:1, :, :p], state[1:2]) if self.cell == "lstm" else state[0:1]  # h [1, B, P], C
         if weight_hh is None:  # the recurrence h(t-1)->h(t) runs inside the fused kernel
             h, layer_state = layer(h, layer_state)
         else:
             h, layer_state = torch.func.functional_call(layer, {"weight_hh_l0": weight_hh}, (h, layer_state))
-        return h, torch.cat(layer_state) if self.cell == "lstm" else layer_state
+        if self.cell != "lstm":
+            return h, layer_state
+        h_n, c_n = layer_state  # [1, B, P], [1, B, H]
+        return h, torch.cat((F.pad(h_n, (0, self.hidden_size - p)), c_n))  # [2, B, H]

@@ -19,7 +19,7 @@ from charlm import UserError, __version__
 from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
 from charlm.model import RNNConfig, RNNStack, State
 from charlm.optim import OptimConfig, WarmupCosineLR
-from charlm.vocab import CharVocab
+from charlm.vocab import vocab_from_dict
 
 STAGES = ("train", "val", "test")
 
@@ -54,7 +54,7 @@ class CharLM(pl.LightningModule):
         hparams["betas"] = list(self.optim_cfg.betas)  # the layout of checkpoints before OptimConfig
         # logger=False: train.py logs the whole run config, with final metrics, as the TensorBoard hparams entry.
         self.save_hyperparameters(hparams, logger=False)
-        self.vocab = CharVocab.from_dict(vocab)
+        self.vocab = vocab_from_dict(vocab)
         self.net = RNNStack(len(self.vocab), self.rnn_cfg)
         # Token-weighted mean NLL per stage and epoch ("train" itself would clash with nn.Module.train).
         # A NaN loss must make the epoch mean NaN; torchmetrics' default drops it silently. nan_strategy=nan
@@ -63,6 +63,7 @@ class CharLM(pl.LightningModule):
         self._state: dict[str, State | None] = dict.fromkeys(STAGES)
         self.last_train_loss = torch.zeros(())  # read by NonFiniteGuard before each optimiser step
         self._resume: dict | None = None  # this rank's saved TBPTT state and RNG states, until training restarts
+        self.val_name = "val"  # what validation logs as: val, or val_full for the full evaluation after training
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
@@ -96,9 +97,10 @@ class CharLM(pl.LightningModule):
         # compute() all-reduces the weighted sums across ranks: exp(total NLL / total tokens), not a mean of ppl.
         loss = self.nll[f"{stage}_nll"].compute()
         self.nll[f"{stage}_nll"].reset()
+        name, bits = self.val_name if stage == "val" else stage, self.vocab.bits  # bits: bpc, or bpb for bytes
         self.log_dict(
-            {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp(), f"{stage}/bpc": loss / math.log(2)},
-            prog_bar=stage == "val",
+            {f"{name}/loss": loss, f"{name}/ppl": loss.exp(), f"{name}/{bits}": loss / math.log(2)},
+            prog_bar=name == "val",
         )
 
     def on_train_epoch_end(self) -> None:

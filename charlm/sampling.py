@@ -11,8 +11,9 @@ from torch import nn
 
 from charlm import UserError
 from charlm.cells import cell_step, project_input
+from charlm.mincells import min_step
 from charlm.model import RNNStack, State
-from charlm.vocab import CharVocab
+from charlm.vocab import Vocab
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,19 +74,17 @@ def next_token(
     return (logits - torch.empty_like(logits).exponential_(generator=generator).log()).argmax(-1)
 
 
-def start_ids(vocab: CharVocab, prompt: str, unknown: str = "error") -> list[int]:
-    """Prompt ids; an empty prompt starts from a newline (or space, or the first char), which is not echoed."""
+def start_ids(vocab: Vocab, prompt: str, unknown: str = "error") -> list[int]:
+    """Prompt ids; an empty prompt starts from a newline (or a space, or id 0), which is not echoed."""
     ids = vocab.encode(prompt, unknown=unknown).tolist()
-    if ids:
-        return ids
-    for c in ("\n", " ", vocab.chars[0]):
-        if c in vocab.chars:
-            return [vocab.chars.index(c)]
+    for start in ("\n", " "):
+        ids = ids or vocab.encode(start, unknown="skip").tolist()
+    return ids or [0]
 
 
 def generate(
     net: RNNStack,
-    vocab: CharVocab,
+    vocab: Vocab,
     prompt: str = "",
     length: int = 200,
     sampling: SamplingConfig = SamplingConfig(),
@@ -124,7 +123,7 @@ def _steps(
 
 def stream_text(
     net: RNNStack,
-    vocab: CharVocab,
+    vocab: Vocab,
     prompt: str = "",
     length: int = 200,
     sampling: SamplingConfig = SamplingConfig(),
@@ -136,39 +135,51 @@ def stream_text(
     """Decoded text as it is produced, one string per sample: first the prompt, then each new character.
 
     Checks everything before the first yield, as ``generate`` does; ``"".join`` of a sample's pieces is
-    the sample. With ``sampling.stop``, a sample ends with (and includes) the first occurrence of the stop
-    text that a generated character completes; it yields "" from then on, and generation ends once every
-    sample has stopped (or after ``length`` characters)."""
+    the sample. With ``data.unit=byte`` a step's piece is "" until the bytes of a character are complete (and
+    U+FFFD for bytes that form none); the last yield then flushes a character cut by the end. With
+    ``sampling.stop``, a sample ends with (and includes) the first occurrence of the stop text that generated
+    text completes; it yields "" from then on, and generation ends once every sample has stopped (or after
+    ``length`` tokens)."""
     steps = generate(
         net, vocab, prompt, length, sampling, num_samples=num_samples, unknown=unknown, generator=generator
     )
     yield [prompt] * num_samples
-    stop = sampling.stop
-    if not stop:
-        for ids in steps:
-            yield list(vocab.decode(ids.cpu()))  # one character per sample
-        return
-    keep = len(stop) - 1  # a stop text may begin in the prompt or earlier characters: carry that much
-    tails = [prompt[len(prompt) - keep :] if keep else ""] * num_samples
+    decode, stop = vocab.stream_decoder(num_samples), sampling.stop
+    keep = len(stop or "") - 1  # a stop text may begin in the prompt or earlier text: carry that much
+    tails = [prompt[len(prompt) - keep :] if keep > 0 else ""] * num_samples
     running = [True] * num_samples
     for ids in steps:
-        chars = list(vocab.decode(ids.cpu()))
-        for i, c in enumerate(chars):
-            if not running[i]:
-                chars[i] = ""
-                continue
-            tail = tails[i] + c
-            running[i] = not tail.endswith(stop)
-            tails[i] = tail[len(tail) - keep :] if keep else ""
-        yield chars
+        pieces = decode(ids.cpu())
+        if stop:
+            pieces = _until_stop(pieces, stop, tails, running)
+        yield pieces
         if not any(running):
             steps.close()  # no more steps are computed
             return
+    if any(rest := [piece if on else "" for piece, on in zip(decode.flush(), running, strict=True)]):
+        yield rest
+
+
+def _until_stop(pieces: list[str], stop: str, tails: list[str], running: list[bool]) -> list[str]:
+    """Each running sample's piece, cut just after the stop text if it completes it; updates ``tails`` (the last
+    len(stop) - 1 characters of each sample) and ``running`` in place."""
+    keep = len(stop) - 1
+    for i, piece in enumerate(pieces):
+        if not running[i]:
+            pieces[i] = ""
+            continue
+        tail = tails[i] + piece
+        end = tail.find(stop)
+        if end >= 0:  # the tail before this piece held no stop text, so it ends inside the piece
+            running[i] = False
+            pieces[i] = piece[: len(piece) - (len(tail) - end - len(stop))]
+        tails[i] = tail[len(tail) - keep :] if keep else ""
+    return pieces
 
 
 def sample_text(
     net: RNNStack,
-    vocab: CharVocab,
+    vocab: Vocab,
     prompt: str = "",
     length: int = 200,
     sampling: SamplingConfig = SamplingConfig(),
@@ -182,23 +193,29 @@ def sample_text(
 class Stepper:
     """One character per stream for inference: ``stepper(ids [N], state [S, L, N, H]) -> logits [N, V], state``.
 
-    Runs the cell equations of ``charlm.cells`` on the weights of a fused or scratch ``RNNStack``; a length-1
-    call of a fused kernel costs ~10x more on CPU. Built once per generation, because it precomputes:
+    Runs the cell equations of ``charlm.cells`` (the sequential form of ``charlm.mincells`` for minGRU and
+    minLSTM) on the weights of a fused or scratch ``RNNStack``; a length-1 call of a fused kernel costs ~10x more
+    on CPU. Built once per generation, because it precomputes:
     - layer 0's input projection of every token, W_ih e_v + b_ih: a row lookup replaces a matmul;
     - every other weight transposed and contiguous, so each step is a plain ``addmm``.
-    It never drops anything, and it sees weight updates only when rebuilt.
+    It never drops anything, and it sees weight updates only when rebuilt. An LSTMP's h is P < H wide: ``split``
+    reads it from the first P columns of its state slot, and ``__call__`` writes it back there, zeros after.
     """
 
     @torch.no_grad()
     def __init__(self, net: RNNStack):
         self.cell, first = net.cell, net.layers[0]
+        self.hidden_size, self.output_size = net.hidden_size, net.cfg.output_size  # H; P (= H but for LSTMP)
         tokens = net.embedding.weight if net.embedding is not None else torch.eye(net.vocab_size).to(first.bias_ih_l0)
         self.table = project_input(first, tokens)  # [V, G*H]
         self.layers = [
             (
                 (layer.weight_ih_l0.t().contiguous(), layer.bias_ih_l0, getattr(layer, "norm_ih", None)),
-                (layer.weight_hh_l0.t().contiguous(), layer.bias_hh_l0, getattr(layer, "norm_hh", None)),
+                (layer.weight_hh_l0.t().contiguous(), layer.bias_hh_l0, getattr(layer, "norm_hh", None))
+                if hasattr(layer, "weight_hh_l0")
+                else None,  # the min cells: no W_hh
                 getattr(layer, "norm_c", None),
+                getattr(layer, "weight_hr_l0", None),  # [P, H] or None
             )
             for layer in net.layers
         ]
@@ -210,19 +227,25 @@ class Stepper:
         return y if norm is None else norm(y)
 
     def split(self, state: State) -> list[tuple]:
-        """State [S, L, N, H] -> per layer (h [N, H], C [N, H] or None), the form ``advance`` carries."""
-        return [(state[0, k], state[1, k] if self.cell == "lstm" else None) for k in range(len(self.layers))]
+        """State [S, L, N, H] -> per layer (h [N, P], C [N, H] or None), the form ``advance`` carries."""
+        p, lstm = self.output_size, self.cell == "lstm"
+        return [(state[0, k, :, :p], state[1, k] if lstm else None) for k in range(len(self.layers))]
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         logits, layers = self.advance(ids, self.split(state))
-        return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in layers], dim=1)
+        pad = (0, self.hidden_size - self.output_size)  # h [N, P] -> [N, H]
+        slots = [(nn.functional.pad(h, pad) if pad[1] else h, c) for h, c in layers]
+        return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in slots], dim=1)
 
     def advance(self, ids: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
         """``__call__`` on a per-layer list of (h, C or None), which saves the stacking in a sampling loop."""
         x, new = ids, []
-        for k, ((h, c), (proj_in, proj_hh, norm_c)) in enumerate(zip(layers, self.layers, strict=True)):
+        for k, ((h, c), (proj_in, proj_hh, norm_c, weight_hr)) in enumerate(zip(layers, self.layers, strict=True)):
             gi = self.table[x] if k == 0 else self._affine(x, *proj_in)
-            x, c = cell_step(self.cell, gi, self._affine(h, *proj_hh), h, c, norm_c)
+            if proj_hh is None:  # minGRU / minLSTM: O(1) per character, as any cell
+                x, c = min_step(self.cell, gi, h), None
+            else:
+                x, c = cell_step(self.cell, gi, self._affine(h, *proj_hh), h, c, norm_c, weight_hr)
             new.append((x, c))
         return self._affine(x, *self.decoder), new

@@ -1,4 +1,5 @@
-"""CharVocab: a deterministic vocabulary of Unicode code points with a vectorised encoder, and a streaming one."""
+"""Vocabularies: CharVocab (Unicode code points, with a vectorised encoder and a streaming one) and ByteVocab
+(raw bytes, for any file); ``vocab_from_dict`` reads either back from a checkpoint or a cache."""
 
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ class CharVocab:
     an id and an output logit) even when the corpus never contains it, as d2l's ``<unk>`` is.
     """
 
+    unit, bits = "char", "bpc"  # data.unit, and the name of the metric in bits per token: bits per character
+
     def __init__(self, chars: list[str] | str, unk: str | None = None):
         chars = sorted(set(chars) | ({unk} if unk else set()))
         if any(len(c) != 1 for c in chars):
@@ -167,6 +170,10 @@ class CharVocab:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         return self._cps[ids].tobytes().decode("utf-32-le")
 
+    def stream_decoder(self, streams: int) -> StreamDecoder:
+        """Text of each step's ids [streams]: one character per stream."""
+        return StreamDecoder(lambda ids: list(self.decode(ids)), lambda: [""] * streams)
+
     def to_dict(self) -> dict:
         return {"chars": "".join(self.chars), "unk": self.unk}
 
@@ -180,3 +187,74 @@ class CharVocab:
     @classmethod
     def load(cls, path: str | Path) -> CharVocab:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class StreamDecoder:
+    """``decoder(ids [N]) -> N strings``, step after step; ``flush()`` -> what the last steps left undecoded."""
+
+    def __init__(self, step, flush):
+        self.step, self.flush = step, flush
+
+    def __call__(self, ids) -> list[str]:
+        return self.step(ids)
+
+
+class ByteVocab:
+    """Raw bytes as tokens: id = byte value, V = 256, so any file is a corpus (enwik8 is raw XML bytes, not
+    always whole UTF-8 characters) and the metrics are bits per byte. Text in (a prompt) is encoded as UTF-8;
+    text out is decoded as UTF-8 with U+FFFD for bytes that form no character."""
+
+    unit, bits = "byte", "bpb"
+    unk = None
+    dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return 256
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteVocab)
+
+    def __repr__(self) -> str:
+        return "ByteVocab(size=256)"
+
+    def encode(self, text: str | bytes, unknown: str = "error") -> np.ndarray:
+        """UTF-8 bytes of ``text`` as ids; every byte is in the vocab, so ``unknown`` never applies."""
+        if unknown not in UNKNOWN_POLICIES:
+            raise UserError(f"unknown={unknown!r} is not a policy; use one of {', '.join(UNKNOWN_POLICIES)}.")
+        raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return np.frombuffer(raw, dtype=np.uint8).copy()
+
+    def decode(self, ids) -> str:
+        return _as_bytes(ids).decode("utf-8", "replace")
+
+    def stream_decoder(self, streams: int) -> StreamDecoder:
+        """Text of each step's ids [streams] through one incremental UTF-8 decoder per stream, so a character
+        whose bytes come in several steps appears, whole, at its last byte (and "" before)."""
+        decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(streams)]
+        return StreamDecoder(
+            lambda ids: [d.decode(_as_bytes(ids)[i : i + 1]) for i, d in enumerate(decoders)],
+            lambda: [d.decode(b"", final=True) for d in decoders],
+        )
+
+    def to_dict(self) -> dict:
+        return {"unit": "byte"}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+
+def _as_bytes(ids) -> bytes:
+    """Any int array, list or tensor of byte ids -> bytes."""
+    return np.asarray(ids, dtype=np.int64).reshape(-1).astype(np.uint8).tobytes()
+
+
+Vocab = CharVocab | ByteVocab
+
+
+def vocab_from_dict(d: dict) -> Vocab:
+    """The vocab saved by ``to_dict`` (a checkpoint's ``vocab``, a cache's vocab.json); no ``unit``: characters."""
+    return ByteVocab() if d.get("unit") == "byte" else CharVocab.from_dict(d)
+
+
+def load_vocab(path: str | Path) -> Vocab:
+    return vocab_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from charlm import UserError
-from charlm.corpus import load_tokens, read_corpus
+from charlm.cache import load_tokens
+from charlm.corpus import read_corpus
 from tests.conftest import make_text
 
 TEXT = make_text() + "\u00e9\u4e2d"  # two non-ASCII characters, so vocab.json and the ids are not all ASCII

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from charlm.cells import ScratchLayer
+from charlm.cells import GATES, ScratchLayer
 from charlm.model import CELLS, RNNStack
 from tests.conftest import rnn
 
@@ -33,14 +33,11 @@ def run_and_backward(net: RNNStack, x: torch.Tensor, state: torch.Tensor | None)
     return logits, new_state, grads, None if state is None else state.grad
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("num_layers", [1, 3])
-@pytest.mark.parametrize("cell", CELLS)
-def test_scratch_equals_fused(cell, num_layers, with_state, dtype, tol):
-    fused, scratch = twin_nets(cell, num_layers, dtype)
+def assert_twins_agree(fused: RNNStack, scratch: RNNStack, with_state: bool, tol: float) -> None:
+    """Outputs, final states, every parameter's gradient and the initial state's gradient are equal."""
+    dtype = next(fused.parameters()).dtype
     x = torch.randint(0, V, (3, 9))
-    init = torch.randn(fused.state_slots, num_layers, 3, 8, dtype=dtype) if with_state else None
+    init = torch.randn(fused.init_state(3).shape, dtype=dtype) if with_state else None
     results = []
     for net in (fused, scratch):
         state = None if init is None else init.clone().requires_grad_()
@@ -55,11 +52,43 @@ def test_scratch_equals_fused(cell, num_layers, with_state, dtype, tol):
         torch.testing.assert_close(dss, dsf, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_float64(cell, layer_norm):
+def test_scratch_equals_fused(cell, num_layers, with_state, dtype, tol):
+    """For the min cells: the parallel scan (fused) against the time loop (scratch)."""
+    assert_twins_agree(*twin_nets(cell, num_layers, dtype), with_state, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_lstmp_scratch_equals_fused(num_layers, with_state, dtype, tol):
+    """LSTM with a projection: torch's nn.LSTM(proj_size=3) against h = W_hr (o * tanh C) in charlm/cells.py."""
+    fused, scratch = twin_nets("lstm", num_layers, dtype, proj_size=3)
+    assert fused.layers[0].proj_size == 3 and scratch.layers[0].weight_hr_l0.shape == (3, 8)
+    assert_twins_agree(fused, scratch, with_state, tol)
+
+
+def test_lstmp_with_weight_drop_drops_the_same_w_hh_in_both_implementations():
+    """Weight-drop masks W_hh [4H, P]; under one seed both implementations draw the same mask."""
+    fused, scratch = twin_nets("lstm", 2, torch.float64, proj_size=3, weight_drop=0.5)
+    x = torch.randint(0, V, (3, 9))
+    outs = []
+    for net in (fused, scratch):
+        torch.manual_seed(7)
+        outs.append(net.train()(x)[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-9)
+    assert not torch.allclose(outs[0], fused.eval()(x)[0])  # the mask did act
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+# The cells ScratchLayer runs, and the LSTMP; the min cells: tests/test_mincells.py.
+@pytest.mark.parametrize("cell, proj_size", [(cell, 0) for cell in GATES] + [("lstm", 2)])
+def test_gradcheck_float64(cell, proj_size, layer_norm):
     torch.manual_seed(0)
-    layer = ScratchLayer(cell, 3, 4, layer_norm=layer_norm).double()
+    layer = ScratchLayer(cell, 3, 4, layer_norm=layer_norm, proj_size=proj_size).double()
     names = [name for name, _ in layer.named_parameters()]
     slots = 2 if cell == "lstm" else 1
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)

@@ -6,7 +6,8 @@ import torch
 
 import charlm.corpus
 from charlm import UserError
-from charlm.corpus import load_tokens, read_corpus
+from charlm.cache import load_tokens
+from charlm.corpus import read_corpus
 from charlm.data import CharDataModule, RandomWindows, StreamBatches, split_tokens
 from charlm.vocab import CharVocab
 from tests.conftest import ROOT, make_text
