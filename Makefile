@@ -11,7 +11,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(PIP_ARGS) "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[dev,bench,search,export]"
+	$(VENV)/bin/pip install --quiet -e ".[dev,bench,search,export,cluster]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,35 +1,47 @@
-"""Sampling speed: charlm's generate (cell-equation steps) vs stepping the fused kernel vs re-feeding the context.
+"""Sampling speed: charlm's generate (cell-equation steps, exact or int8) vs stepping the fused kernel vs re-feeding
+the context; and what int8 costs in bits per character on a trained checkpoint.
 
     .venv/bin/python -m bench.sampling                     # 2x512 LSTM, 1 and 64 streams, 100 / 1k / 10k chars
     .venv/bin/python -m bench.sampling --hidden 256 --lengths 100 1000
+    .venv/bin/python -m bench.sampling --ckpt RUN/checkpoints/best.ckpt --text data/tinyshakespeare.txt --tail 0.1
 
 Three samplers, all at ``SamplingConfig``'s default temperature on the same randomly initialised net (speed
 does not depend on the weights' values):
-- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``charlm.sampling.Stepper``, which runs
-  the cell equations with layer 0's input projection precomputed per token.
+- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``charlm.stepper.Stepper``, which runs
+  the cell equations with layer 0's input projection precomputed per token, on float32 weights (exact).
+- ``charlm int8``: the same with ``quantize="int8"``: weight-only int8 matrices (bf16 activations).
 - ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
   sequence (what generate did before the stepper).
 - ``naive``: re-feeds the whole context every step, O(n^2): the sampler of many tutorials.
 The time to the first character (prompt pass, set-up) is reported apart; "ms per step" and chars/s count
-every character after it, and must stay flat as the length grows for the first two samplers. Runs whose
+every character after it, and must stay flat as the length grows for the first three samplers. Runs whose
 estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
+
+With ``--ckpt``, the checkpoint's bits per character on ``--text`` (its last ``--tail`` fraction, e.g. the
+val split) are computed both ways through the Stepper, one character at a time with the state carried:
+int8's target is within 0.01 of float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from bench import ROOT
 from bench.report import describe, machine_info, table, write_json
 from charlm.model import RNNConfig, RNNStack
-from charlm.sampling import SamplingConfig, generate, next_token
+from charlm.module import load_checkpoint
+from charlm.sampling import SamplingConfig, Stepper, generate, next_token
 from charlm.vocab import CharVocab
 
-TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores
+TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores, float32
+TARGET_INT8 = 6000.0  # chars/s, the same with quantize=int8
+TARGET_INT8_BITS = 0.01  # |int8 bpc - float32 bpc| on a trained model
 SAMPLING = SamplingConfig()  # temperature 0.8
 VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encoding="utf-8"))  # 65 characters
 
@@ -39,6 +51,10 @@ VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encodi
 
 def run_charlm(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     return generate(net, VOCAB, "The ", length, SAMPLING, num_samples=streams, generator=generator)
+
+
+def run_int8(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    return generate(net, VOCAB, "The ", length, SAMPLING, num_samples=streams, generator=generator, quantize="int8")
 
 
 @torch.inference_mode()
@@ -70,7 +86,35 @@ def timed(steps: Iterator[torch.Tensor]) -> tuple[float, float]:
     return first, time.perf_counter() - start
 
 
-SAMPLERS = {"charlm": run_charlm, "fused step": run_fused_step, "naive": run_naive}
+SAMPLERS = {"charlm": run_charlm, "charlm int8": run_int8, "fused step": run_fused_step, "naive": run_naive}
+
+
+@torch.inference_mode()
+def stepped_bits(model, text: str, quantize: str) -> float:
+    """Bits per character of ``model`` on ``text``, one character at a time through the Stepper, state carried."""
+    ids = torch.from_numpy(model.vocab.encode(text, unknown="skip").astype("int64"))
+    step = Stepper(model.net, quantize)
+    layers = step.split(model.net.init_state(1))
+    nats = 0.0
+    for k in range(len(ids) - 1):
+        logits, layers = step.advance(ids[k : k + 1], layers)
+        nats -= torch.log_softmax(logits[0].float(), -1)[ids[k + 1]].item()
+    return nats / (len(ids) - 1) / math.log(2)
+
+
+def quality(args: argparse.Namespace) -> dict:
+    model = load_checkpoint(args.ckpt).eval()
+    text = Path(args.text).read_text(encoding="utf-8")
+    text = text[len(text) - round(len(text) * args.tail) :][: args.max_chars]
+    bits = {q: stepped_bits(model, text, q) for q in ("none", "int8")}
+    gap = bits["int8"] - bits["none"]
+    print(f"\n{args.ckpt}: {len(text):,} characters of {args.text} (last {args.tail:.0%}, at most {args.max_chars:,})")
+    print(
+        table(["weights", "bits per character"], [["float32", f"{bits['none']:.4f}"], ["int8", f"{bits['int8']:.4f}"]])
+    )
+    verdict = "met" if abs(gap) <= TARGET_INT8_BITS else "MISSED"
+    print(f"int8 - float32: {gap:+.4f} bits (target within {TARGET_INT8_BITS}): {verdict}")
+    return {"ckpt": str(args.ckpt), "characters": len(text), "bits": bits, "gap": gap}
 
 
 def affordable(name: str, streams: int, length: int, args: argparse.Namespace) -> bool:
@@ -91,6 +135,10 @@ def main() -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[100, 1000, 10000])
     p.add_argument("--naive-budget", type=float, default=1e6, help="max streams * length^2 / 2 for naive")
     p.add_argument("--fused-step-max-length", type=int, default=1000)
+    p.add_argument("--ckpt", type=Path, help="a trained checkpoint: also compare its bpc with int8 and float32")
+    p.add_argument("--text", default=str(ROOT / "data/tinyshakespeare.txt"), help="text for --ckpt's bpc")
+    p.add_argument("--tail", type=float, default=0.1, help="the last fraction of --text (0.1: nanoGPT's val split)")
+    p.add_argument("--max-chars", type=int, default=20000, help="at most this many characters of it")
     p.add_argument("--json", default="outputs/bench/sampling.json")
     args = p.parse_args()
 
@@ -124,14 +172,20 @@ def main() -> None:
               fmt(r, "chars_per_s", ",.0f")] for r in rows],
         )
     )  # fmt: skip
-    single = [r for r in rows if r["sampler"] == "charlm" and r["streams"] == 1]
-    if single and args.hidden == 512 and args.layers == 2 and args.cell == "lstm":
-        slowest = min(r["chars_per_s"] for r in single)
-        flat = max(r["ms_per_step"] for r in single) / min(r["ms_per_step"] for r in single)
-        verdict = "met" if slowest >= TARGET_SINGLE_STREAM else "MISSED"
-        print(f"\ntarget >= {TARGET_SINGLE_STREAM:,.0f} chars/s single stream: {verdict}"
-              f" (slowest length: {slowest:,.0f}); time per step, slowest / fastest length: {flat:.2f}")  # fmt: skip
-    path = write_json(args.json, {"machine": info, "args": vars(args), "results": rows})
+    for sampler, target in (("charlm", TARGET_SINGLE_STREAM), ("charlm int8", TARGET_INT8)):
+        single = [r for r in rows if r["sampler"] == sampler and r["streams"] == 1 and r["seconds"] is not None]
+        if single and args.hidden == 512 and args.layers == 2 and args.cell == "lstm":
+            slowest = min(r["chars_per_s"] for r in single)
+            flat = max(r["ms_per_step"] for r in single) / min(r["ms_per_step"] for r in single)
+            verdict = "met" if slowest >= target else "MISSED"
+            print(
+                f"\n{sampler}: target >= {target:,.0f} chars/s single stream: {verdict} (slowest length:"
+                f" {slowest:,.0f}); time per step, slowest / fastest length: {flat:.2f}"
+            )
+    report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+    if args.ckpt:
+        report["int8_quality"] = quality(args)
+    path = write_json(args.json, report)
     print(f"JSON: {path}")
 
 

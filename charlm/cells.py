@@ -24,9 +24,10 @@ from torch import nn
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}  # blocks of H rows in W_ih and W_hh
 
 
-def rnn_cell(gi: torch.Tensor, gh: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """Vanilla RNN: h_t = f(W_x x_t + W_h h_(t-1) + b), f = tanh or relu."""
-    return torch.relu(gi + gh) if relu else torch.tanh(gi + gh)
+def rnn_cell(gi: torch.Tensor, gh: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """Vanilla RNN: h_t = f(W_x x_t + W_h h_(t-1) + b), f = tanh or relu. ``gh=None``: ``gi`` is the sum already."""
+    pre = gi if gh is None else gi + gh
+    return torch.relu(pre) if relu else torch.tanh(pre)
 
 
 def gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tenso
 
 
 def lstm_cell(
-    gi: torch.Tensor, gh: torch.Tensor, c: torch.Tensor, norm_c=None, weight_hr: torch.Tensor | None = None
+    gi: torch.Tensor, gh: torch.Tensor | None, c: torch.Tensor, norm_c=None, weight_hr: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM (Hochreiter & Schmidhuber 1997, with forget gate, as in nn.LSTM):
     i_t, f_t, o_t = sigmoid(W_i* x_t + b_i* + W_h* h_(t-1) + b_h*)    input, forget, output gates
@@ -54,7 +55,7 @@ def lstm_cell(
     h_t = o_t * tanh(C_t)                                            (tanh(LN(C_t)) in the layer-norm LSTM)
     h_t = W_hr (o_t * tanh(C_t))                                     with a projection (LSTMP): [N, P]
     """
-    i, f, g, o = (gi + gh).chunk(4, -1)
+    i, f, g, o = (gi if gh is None else gi + gh).chunk(4, -1)  # gh=None: gi holds both projections
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c if norm_c is None else norm_c(c))  # [N, H]
     return (h if weight_hr is None else F.linear(h, weight_hr)), c
@@ -63,7 +64,7 @@ def lstm_cell(
 def cell_step(
     cell: str,
     gi: torch.Tensor,
-    gh: torch.Tensor,
+    gh: torch.Tensor | None,
     h: torch.Tensor,
     c: torch.Tensor | None,
     norm_c=None,

@@ -162,17 +162,24 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return migrate(checkpoint, path), data
 
 
-def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> None:
+def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool, sweep: bool = False) -> None:
     """Refuse to train into a directory that holds another run's checkpoints.
 
     Resuming from a checkpoint inside that directory is allowed (the run continues there), and so is
-    ``overwrite_run_dir=true``."""
+    ``overwrite_run_dir=true``. ``sweep``: the directory is a job's of a sweep (``-m``, Optuna), whose job
+    numbers restart at 0 in every run: a sweep run again into the same ``hydra.sweep.dir`` meets its own jobs."""
     ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
     existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if not existing or overwrite:
         return
     if ckpt_path and Path(ckpt_path).expanduser().resolve().parent == ckpt_dir.resolve():
         return
+    if sweep:
+        raise UserError(
+            f"the sweep job directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); run the"
+            " sweep into a new hydra.sweep.dir (unset, each run gets its own; an Optuna study in a storage goes on"
+            " there) or pass overwrite_run_dir=true to replace them."
+        )
     raise UserError(
         f"the run directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); pick a new"
         f" hydra.run.dir, resume with ckpt_path={ckpt_dir}/last.ckpt, or pass overwrite_run_dir=true to replace them."

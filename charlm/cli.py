@@ -171,6 +171,7 @@ def sample(cfg: DictConfig) -> list[str]:
         num_samples=cfg.num_samples,
         unknown=cfg.unknown,
         generator=gen,
+        quantize=cfg.quantize,
     )
     if cfg.num_samples == 1 and cfg.format == "text":
         out = []

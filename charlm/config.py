@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -27,9 +28,11 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
@@ -39,6 +42,7 @@ from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
 from charlm.sampling import SamplingConfig
+from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -65,6 +69,14 @@ def fast_precision(accelerator: str = "auto") -> str:
 def run_id() -> str:
     """HH-MM-SS-<microseconds>-<pid>: two runs started in the same second never share a directory."""
     return f"{datetime.now():%H-%M-%S-%f}-{os.getpid()}"
+
+
+def run_stamp() -> str:
+    """The last part of a run's directory: ``<date>_<HH-MM-SS>-<microseconds>-<pid>``, unique per run; under SLURM
+    ``slurm-<job id>``, the same for every task of the job and for the job requeued (on another day too), so that a
+    requeued job finds its checkpoints again."""
+    job = slurm_job()
+    return f"slurm-{job}" if job else f"{datetime.now():%Y-%m-%d}_{run_id()}"
 
 
 def run_name(data_path: str | None = None, train_path: str | None = None) -> str:
@@ -118,6 +130,7 @@ def data_defaults() -> dict:
 OmegaConf.register_new_resolver("charlm_data", lambda: str(DATA_DIR), replace=True)
 OmegaConf.register_new_resolver("charlm_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("charlm_run_id", run_id, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("charlm_run_stamp", run_stamp, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("charlm_run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("charlm_safe_name", safe_name, replace=True)
 _store = ConfigStore.instance()
@@ -137,7 +150,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hy
 
 
 # Checkpoint settings that fix the shapes of the weights: a resume must not change them.
-ARCHITECTURE = ("cell", "num_layers", "hidden_size", "embedding_size", "tie_weights", "layer_norm")
+ARCHITECTURE = ("cell", "num_layers", "hidden_size", "proj_size", "embedding_size", "tie_weights", "layer_norm")
 
 
 def check_resume(path: str, dm: CharDataModule, model_cfg: DictConfig) -> None:
@@ -166,7 +179,13 @@ def check_trainer(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise UserError(f"trainer.{name}={value!r} must be a whole number >= {minimum}; e.g. trainer.{name}=10.")
 
-    for name, minimum in (("max_epochs", -1), ("max_steps", -1), ("min_epochs", 0), ("log_every_n_steps", 1)):
+    for name, minimum in (
+        ("max_epochs", -1),
+        ("max_steps", -1),
+        ("min_epochs", 0),
+        ("log_every_n_steps", 1),
+        ("num_nodes", 1),
+    ):
         whole(name, minimum)
     for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
         value = t.get(name)
@@ -178,6 +197,7 @@ def check_trainer(cfg: DictConfig) -> None:
     max_time = t.get("max_time")
     if isinstance(max_time, str) and not MAX_TIME.fullmatch(max_time.strip()):
         raise UserError(f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; e.g. trainer.max_time=00:00:05:00.")
+    check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
 
 
 def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
@@ -189,19 +209,27 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_trainer(cfg)
+    requeued = requeued_resume_path(cfg.paths.output_dir)
+    if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"SLURM job {slurm_job()} was requeued: resuming from {requeued}", file=sys.stderr)
+        cfg.ckpt_path = requeued
     dm = instantiate(cfg.data)
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, dm, cfg.model)
     model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this script into rank 0's directory
-        check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir)
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir, sweep=multirun)
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: logger=none alone must work
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(NonFiniteGuard(cfg.on_nonfinite))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
+    plugins = [AtomicCheckpointIO()]
+    if slurm_job() is not None:  # SlurmRequeue says why it, not Lightning's auto_requeue, saves and requeues
+        callbacks.append(SlurmRequeue(run_last_ckpt(cfg.paths.output_dir)))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return dm, model, trainer

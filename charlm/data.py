@@ -214,8 +214,9 @@ class CharDataModule(pl.LightningDataModule):
             need = batch * world_size * self.seq_len + 1
             if len(part) < need:
                 name = "batch_size" if stage == "train" else "eval_batch_size"
+                tokens = "bytes" if self.tokenizing.unit == "byte" else "characters"
                 raise UserError(
-                    f"the {stage} split has {len(part):,} {self.tokenizing.unit}s but data.{name}={batch} x seq_len"
+                    f"the {stage} split has {len(part):,} {tokens} but data.{name}={batch} x seq_len"
                     f" {self.seq_len} x {world_size} rank(s) needs at least {need:,}; lower data.{name} /"
                     " data.seq_len or use a larger corpus."
                 )

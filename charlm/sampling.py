@@ -7,12 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from charlm import UserError
-from charlm.cells import cell_step, project_input
-from charlm.mincells import min_step
-from charlm.model import RNNStack, State
+from charlm.model import RNNStack
+from charlm.stepper import QUANTIZE, Stepper
 from charlm.vocab import Vocab
 
 
@@ -92,25 +90,34 @@ def generate(
     num_samples: int = 1,
     unknown: str = "error",
     generator: torch.Generator | None = None,
+    quantize: str = "none",
 ) -> Iterator[torch.Tensor]:
     """Return an iterator over the ids [num_samples] of each new character, ``length`` of them.
 
     Arguments and prompt are checked now, before anything is produced. All samples run as one batch. The
     context is never re-fed: the prompt goes through ``net`` once, then each step feeds only the last
     character with the carried state, so every character costs the same. ``net`` should be in eval mode.
+    ``quantize="int8"``: the steps after the prompt use weight-only int8 matrices (see ``charlm.stepper``).
     """
     check_length(length, num_samples)
     device = next(net.parameters()).device
     x = torch.tensor(start_ids(vocab, prompt, unknown), device=device).expand(num_samples, -1)  # [N, P]
-    return _steps(net, x, length, sampling, generator)
+    if quantize not in QUANTIZE:
+        raise UserError(f"quantize={quantize!r} is not known; use quantize=none (exact) or quantize=int8.")
+    return _steps(net, x, length, sampling, generator, quantize)
 
 
 def _steps(
-    net: RNNStack, x: torch.Tensor, length: int, sampling: SamplingConfig, generator: torch.Generator | None
+    net: RNNStack,
+    x: torch.Tensor,
+    length: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    quantize: str,
 ) -> Iterator[torch.Tensor]:
     with torch.inference_mode():
         logits, state = net(x)  # the whole prompt in one pass: [N, P, V]
-        step = Stepper(net)  # then one character at a time through the cell equations
+        step = Stepper(net, quantize)  # then one character at a time through the cell equations
         layers = step.split(state)
         logits = logits[:, -1]
     for i in range(length):
@@ -131,6 +138,7 @@ def stream_text(
     num_samples: int = 1,
     unknown: str = "error",
     generator: torch.Generator | None = None,
+    quantize: str = "none",
 ) -> Iterator[list[str]]:
     """Decoded text as it is produced, one string per sample: first the prompt, then each new character.
 
@@ -141,7 +149,15 @@ def stream_text(
     text completes; it yields "" from then on, and generation ends once every sample has stopped (or after
     ``length`` tokens)."""
     steps = generate(
-        net, vocab, prompt, length, sampling, num_samples=num_samples, unknown=unknown, generator=generator
+        net,
+        vocab,
+        prompt,
+        length,
+        sampling,
+        num_samples=num_samples,
+        unknown=unknown,
+        generator=generator,
+        quantize=quantize,
     )
     yield [prompt] * num_samples
     decode, stop = vocab.stream_decoder(num_samples), sampling.stop
@@ -188,64 +204,3 @@ def sample_text(
     """Whole samples as strings, each starting with the prompt (``kwargs``: those of ``stream_text``)."""
     pieces = list(stream_text(net, vocab, prompt, length, sampling, **kwargs))
     return ["".join(chunks) for chunks in zip(*pieces, strict=True)]
-
-
-class Stepper:
-    """One character per stream for inference: ``stepper(ids [N], state [S, L, N, H]) -> logits [N, V], state``.
-
-    Runs the cell equations of ``charlm.cells`` (the sequential form of ``charlm.mincells`` for minGRU and
-    minLSTM) on the weights of a fused or scratch ``RNNStack``; a length-1 call of a fused kernel costs ~10x more
-    on CPU. Built once per generation, because it precomputes:
-    - layer 0's input projection of every token, W_ih e_v + b_ih: a row lookup replaces a matmul;
-    - every other weight transposed and contiguous, so each step is a plain ``addmm``.
-    It never drops anything, and it sees weight updates only when rebuilt. An LSTMP's h is P < H wide: ``split``
-    reads it from the first P columns of its state slot, and ``__call__`` writes it back there, zeros after.
-    """
-
-    @torch.no_grad()
-    def __init__(self, net: RNNStack):
-        self.cell, first = net.cell, net.layers[0]
-        self.hidden_size, self.output_size = net.hidden_size, net.cfg.output_size  # H; P (= H but for LSTMP)
-        tokens = net.embedding.weight if net.embedding is not None else torch.eye(net.vocab_size).to(first.bias_ih_l0)
-        self.table = project_input(first, tokens)  # [V, G*H]
-        self.layers = [
-            (
-                (layer.weight_ih_l0.t().contiguous(), layer.bias_ih_l0, getattr(layer, "norm_ih", None)),
-                (layer.weight_hh_l0.t().contiguous(), layer.bias_hh_l0, getattr(layer, "norm_hh", None))
-                if hasattr(layer, "weight_hh_l0")
-                else None,  # the min cells: no W_hh
-                getattr(layer, "norm_c", None),
-                getattr(layer, "weight_hr_l0", None),  # [P, H] or None
-            )
-            for layer in net.layers
-        ]
-        self.decoder = (net.decoder.weight.t().contiguous(), net.decoder.bias, None)
-
-    @staticmethod
-    def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-        y = torch.addmm(bias, x, weight_t)
-        return y if norm is None else norm(y)
-
-    def split(self, state: State) -> list[tuple]:
-        """State [S, L, N, H] -> per layer (h [N, P], C [N, H] or None), the form ``advance`` carries."""
-        p, lstm = self.output_size, self.cell == "lstm"
-        return [(state[0, k, :, :p], state[1, k] if lstm else None) for k in range(len(self.layers))]
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        logits, layers = self.advance(ids, self.split(state))
-        pad = (0, self.hidden_size - self.output_size)  # h [N, P] -> [N, H]
-        slots = [(nn.functional.pad(h, pad) if pad[1] else h, c) for h, c in layers]
-        return logits, torch.stack([torch.stack(hc) if hc[1] is not None else hc[0][None] for hc in slots], dim=1)
-
-    def advance(self, ids: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
-        """``__call__`` on a per-layer list of (h, C or None), which saves the stacking in a sampling loop."""
-        x, new = ids, []
-        for k, ((h, c), (proj_in, proj_hh, norm_c, weight_hr)) in enumerate(zip(layers, self.layers, strict=True)):
-            gi = self.table[x] if k == 0 else self._affine(x, *proj_in)
-            if proj_hh is None:  # minGRU / minLSTM: O(1) per character, as any cell
-                x, c = min_step(self.cell, gi, h), None
-            else:
-                x, c = cell_step(self.cell, gi, self._affine(h, *proj_hh), h, c, norm_c, weight_hr)
-            new.append((x, c))
-        return self._affine(x, *self.decoder), new

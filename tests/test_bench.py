@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -16,6 +18,7 @@ from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
 from charlm.config import compose
 from charlm.model import CELLS
+from charlm.vocab import CharVocab
 from tests.conftest import assert_user_error, make_text, run_module, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -184,8 +187,8 @@ def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tm
     proc = run_module("bench.sampling", *args, "--fused-step-max-length", "10", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r["sampler"], r["streams"], r["length"]): r for r in json.loads(out.read_text())["results"]}
-    assert len(rows) == 3 * 2 * 2
-    assert all(r["seconds"] > 0 for (name, _, _), r in rows.items() if name == "charlm")
+    assert len(rows) == 4 * 2 * 2
+    assert all(r["seconds"] > 0 for (name, _, _), r in rows.items() if name in ("charlm", "charlm int8"))
     assert rows[("fused step", 1, 40)]["seconds"] is None and rows[("fused step", 3, 5)]["seconds"] > 0
     assert rows[("naive", 3, 40)]["seconds"] is None  # 3 * 40^2 / 2 > 500
     r = rows[("charlm", 3, 40)]
@@ -206,3 +209,18 @@ def test_throughput_benchmark_compares_charlm_with_a_plain_loop(tmp_path):
     # 2 LSTM layers of 16 over a 16-wide embedding; a 66-way decoder (Tiny Shakespeare's 65 characters + unk)
     assert result["flops_per_char"] == 2 * 24 * 16 * 32 + 6 * 16 * 66
     assert result["matmul_peak_gflops"] > 0
+
+
+def test_the_int8_quality_check_measures_the_forward_passs_bits():
+    from bench.sampling import stepped_bits
+    from charlm.module import CharLM
+
+    torch.manual_seed(0)
+    text = make_text(400)
+    model = CharLM(CharVocab.from_text(text).to_dict(), hidden_size=32).eval()
+    ids = torch.from_numpy(model.vocab.encode(text).astype("int64"))[None]
+    with torch.no_grad():
+        logits, _ = model.net(ids[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item() / math.log(2)
+    assert stepped_bits(model, text, "none") == pytest.approx(want, rel=1e-5)
+    assert stepped_bits(model, text, "int8") == pytest.approx(want, abs=0.05)

@@ -321,6 +321,7 @@ def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run
         (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a whole number"),
         (["trainer.max_time=5min"], "trainer.max_time"),
         (["model.hidden_size=64", "ckpt_path={run}/checkpoints/last.ckpt"], "has model.hidden_size=32"),
+        (["model.proj_size=16", "ckpt_path={run}/checkpoints/last.ckpt"], "has model.proj_size=0"),
         (["data.eval_batch_size=500"], "data.eval_batch_size=500"),
         (["model.lr=nan"], "model.lr=nan must be a positive finite number"),
         (["model.min_lr=1"], "model.min_lr=1"),

@@ -203,3 +203,22 @@ def test_stop_text_may_begin_in_the_prompt_and_generation_ends_when_every_stream
 def test_a_bad_stop_text_is_a_one_line_error(stop):
     with pytest.raises(UserError, match="must be non-empty text"):
         SamplingConfig(stop=stop)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "minlstm"])
+def test_an_int8_step_stays_close_to_the_exact_step_and_generates(cell):
+    torch.manual_seed(0)
+    net = rnn(len(VOCAB), cell=cell, num_layers=2, hidden_size=64).eval()
+    ids, state = torch.tensor([0, 5, 9]), torch.randn(net.state_slots, 2, 3, 64) * 0.5
+    exact, exact_state = Stepper(net)(ids, state)
+    int8, int8_state = Stepper(net, "int8")(ids, state)
+    assert not torch.equal(int8, exact)  # the int8 path really runs
+    torch.testing.assert_close(int8, exact, atol=0.02 * exact.abs().max().item(), rtol=0)
+    torch.testing.assert_close(int8_state, exact_state, atol=0.02, rtol=0)
+    text = sample_text(net, VOCAB, "abc", 30, GREEDY, quantize="int8")[0]
+    assert text.startswith("abc") and len(text) == 33
+
+
+def test_an_unknown_quantize_is_a_one_line_error(net):
+    with pytest.raises(UserError, match="quantize='int4' is not known; use quantize=none"):
+        generate(net, VOCAB, "ab", 5, quantize="int4")
