@@ -224,3 +224,25 @@ def test_the_int8_quality_check_measures_the_forward_passs_bits():
     want = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item() / math.log(2)
     assert stepped_bits(model, text, "none") == pytest.approx(want, rel=1e-5)
     assert stepped_bits(model, text, "int8") == pytest.approx(want, abs=0.05)
+
+
+def test_the_study_table_lists_completed_trials_best_first_then_the_failed(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from bench.study import main
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="s", storage=storage)
+    cell = optuna.distributions.CategoricalDistribution(["lstm", "mingru"])
+    for value, name in ((1.7, "lstm"), (1.5, "mingru"), (None, "lstm")):
+        state = optuna.trial.TrialState.COMPLETE if value else optuna.trial.TrialState.FAIL
+        trial = optuna.trial.create_trial(
+            params={"model.cell": name}, distributions={"model.cell": cell}, value=value, state=state
+        )
+        study.add_trial(trial)
+    out = tmp_path / "study.md"
+    main(["--storage", storage, "--study", "s", "--out", str(out), "--title", "# title"])
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# title" and lines[2] == "3 trials (2 complete, 1 fail)."
+    body = [line.split(" | ")[1:3] for line in lines[6:]]
+    assert body == [["COMPLETE", "1.5000"], ["COMPLETE", "1.7000"], ["FAIL", "-"]]
+    assert lines[6].endswith("| mingru |")
