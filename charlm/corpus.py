@@ -223,3 +223,32 @@ def _copy_bytes(files: list[Path], sep: str, tokens_npy: Path) -> list[int]:
             if sep and i < len(files) - 1:
                 out.write(sep.encode())
     return counts
+
+
+def split_paths(
+    path: str | None, train: str | None, val: str | None, test: str | None, files: Sequence[str] | None
+) -> list[str] | None:
+    """The three files of a pre-split corpus, or None for one corpus that ``data.splits`` cuts."""
+    split = {"train_path": train, "val_path": val, "test_path": test}
+    given = [name for name, value in split.items() if value]
+    if given and len(given) < 3:
+        missing = ", ".join(f"data.{name}" for name in split if name not in given)
+        raise UserError(f"a pre-split corpus needs all three of its files; also give {missing}.")
+    if given and path:
+        raise UserError(
+            "data.path and data.train_path / val_path / test_path are both given; pass one corpus"
+            " (e.g. add data.path=null)."
+        )
+    if not given and not path:
+        raise UserError(
+            "no corpus given; pass data.path=FILE (or a folder, or a glob such as 'books/*.txt'), or"
+            " data.train_path, data.val_path and data.test_path."
+        )
+    if files:
+        if given or len(files) != 3:
+            raise UserError(
+                "data.split_files names the train, val and test files inside the folder data.path; give three"
+                " names, and no data.train_path / val_path / test_path."
+            )
+        return [str(Path(path).expanduser() / name) for name in files]
+    return [train, val, test] if given else None
