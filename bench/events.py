@@ -29,6 +29,10 @@ class RunEvents:
         self.start = self._acc.FirstEventTimestamp()  # wall_time of the first event written, in seconds
         self.tags = set(self._acc.Tags()["scalars"])
 
+    def has(self, tag: str) -> bool:
+        """Whether the run logged ``tag`` (a Lightning name, under either of the names ``scalars`` reads)."""
+        return board_tag(tag) in self.tags or tag in self.tags
+
     def scalars(self, tag: str) -> list[ScalarEvent]:
         """The points of ``tag`` (a Lightning name such as ``val/bpc``, written as ``board_tag(tag)``; runs from
         before charlm 0.2 wrote it as is) in step order; a UserError if the run never logged it."""

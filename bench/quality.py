@@ -87,7 +87,7 @@ def metrics(name: str, run_dir: Path, wall_seconds: float) -> dict:
         "train_loss_last": run.values("train/loss")[-1],
     }
     for key in ("test/loss", "test/bpc"):
-        result[key.replace("/", "_")] = run.values(key)[-1] if key in run.tags else None
+        result[key.replace("/", "_")] = run.values(key)[-1] if run.has(key) else None
     return result
 
 

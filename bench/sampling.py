@@ -13,6 +13,9 @@ does not depend on the weights' values):
 - ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
   sequence (what generate did before the stepper).
 - ``naive``: re-feeds the whole context every step, O(n^2): the sampler of many tutorials.
+- with ``--compile``, also ``charlm compiled`` and ``charlm int8 compiled`` (single stream): generate's loop with
+  the Stepper's step under ``torch.compile`` (Inductor, C++ on CPU), compiled before the first character. It lost
+  on the machines measured, so generate() does not offer it; this row re-checks that on yours.
 The time to the first character (prompt pass, set-up) is reported apart; "ms per step" and chars/s count
 every character after it, and must stay flat as the length grows for the first three samplers. Runs whose
 estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
@@ -74,6 +77,32 @@ def run_naive(net: RNNStack, streams: int, length: int, generator: torch.Generat
         ids = next_token(logits[:, -1], SAMPLING.temperature, generator=generator)
         yield ids
         context = torch.cat([context, ids[:, None]], dim=1)
+
+
+def compiled_stepper(net: RNNStack, quantize: str) -> Stepper:
+    """A Stepper whose ``advance`` is under ``torch.compile`` (compiled at its first call)."""
+    torch._dynamo.reset()  # a fresh compile per run: each Stepper would otherwise count against its cache limit
+    step = Stepper(net, quantize)
+    step.advance = torch.compile(step.advance, dynamic=False, fullgraph=True)
+    return step
+
+
+def run_compiled(quantize: str):
+    """generate()'s loop (prompt pass, then Stepper steps) with ``Stepper.advance`` compiled before the first
+    character: for the ``--compile`` rows only."""
+
+    @torch.inference_mode()
+    def run(net: RNNStack, streams: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        logits, state = net(torch.tensor(VOCAB.encode("The ")).long().expand(streams, -1))
+        step = compiled_stepper(net, quantize)
+        layers, logits = step.split(state), logits[:, -1]
+        step.advance(torch.zeros(streams, dtype=torch.long), layers)  # compile now, timed with the first character
+        for _ in range(length):
+            ids = next_token(logits, SAMPLING.temperature, generator=generator)
+            yield ids
+            logits, layers = step.advance(ids, layers)
+
+    return run
 
 
 def timed(steps: Iterator[torch.Tensor]) -> tuple[float, float]:
@@ -139,8 +168,12 @@ def main() -> None:
     p.add_argument("--text", default=str(ROOT / "data/tinyshakespeare.txt"), help="text for --ckpt's bpc")
     p.add_argument("--tail", type=float, default=0.1, help="the last fraction of --text (0.1: nanoGPT's val split)")
     p.add_argument("--max-chars", type=int, default=20000, help="at most this many characters of it")
+    p.add_argument("--compile", action="store_true", help="also time the step under torch.compile (1 stream)")
     p.add_argument("--json", default="outputs/bench/sampling.json")
     args = p.parse_args()
+    samplers = dict(SAMPLERS)
+    if args.compile:
+        samplers |= {"charlm compiled": run_compiled("none"), "charlm int8 compiled": run_compiled("int8")}
 
     info = machine_info()
     print(describe(info))
@@ -149,8 +182,8 @@ def main() -> None:
     net = RNNStack(len(VOCAB), RNNConfig(cell=args.cell, num_layers=args.layers, hidden_size=args.hidden)).eval()
     run_charlm(net, 1, 50, torch.Generator().manual_seed(0))  # warm-up
     rows = []
-    for name, fn in SAMPLERS.items():
-        for streams in args.streams:
+    for name, fn in samplers.items():
+        for streams in [1] if "compiled" in name else args.streams:
             for length in args.lengths:
                 if not affordable(name, streams, length, args):
                     rows.append({"sampler": name, "streams": streams, "length": length, "seconds": None})

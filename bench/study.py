@@ -6,6 +6,13 @@
 The study is the one a ``hparams_search=...`` sweep wrote with ``hydra.sweeper.storage`` and
 ``hydra.sweeper.study_name``; its value is the sweep's ``optimized_metric`` (val/loss, nats per character).
 Failed trials (a bad config, a diverged run) and trials still marked running (a killed sweep) are listed last.
+
+A second round starts from the first round's best: ``--seed-from ROUND1 --top K`` enqueues the K best completed
+trials of ROUND1 (same storage) as the first trials of ``--study`` (created if new), which the sweep then runs
+before its own sampler's trials. Parameters the new round does not search are ignored by it:
+
+    .venv/bin/python -m bench.study --storage sqlite:///$PWD/outputs/optuna/shakespeare.db \
+        --study shakespeare_5min_r2 --seed-from shakespeare_1min_r1 --top 1
 """
 
 from __future__ import annotations
@@ -36,6 +43,19 @@ def rows(study) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
+def seed(storage: str, study_name: str, source, top: int) -> list[dict]:
+    """Enqueue the ``top`` best completed trials of ``source`` into study ``study_name`` (minimising)."""
+    import optuna
+
+    done = sorted((t for t in source.trials if t.value is not None), key=lambda t: t.value)[:top]
+    if not done:
+        raise UserError(f"study {source.study_name!r} has no completed trial to seed from; run its sweep first.")
+    target = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
+    for trial in done:
+        target.enqueue_trial(trial.params)
+    return [t.params for t in done]
+
+
 def markdown(header: list[str], table: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
@@ -47,16 +67,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", required=True, help="the sweep's hydra.sweeper.study_name")
     parser.add_argument("--out", type=Path, help="also write the table, with a title, to this Markdown file")
     parser.add_argument("--title", default="", help="text above the table in --out")
+    parser.add_argument("--seed-from", help="enqueue the best trials of this study (same storage) into --study")
+    parser.add_argument("--top", type=int, default=1, help="how many trials --seed-from enqueues")
     args = parser.parse_args(argv)
     with reported_user_errors():
         try:
             import optuna
         except ImportError:
             raise UserError('bench.study needs optuna; pip install -e ".[search]".') from None
+        name = args.seed_from or args.study
         try:
-            study = optuna.load_study(study_name=args.study, storage=args.storage)
+            study = optuna.load_study(study_name=name, storage=args.storage)
         except KeyError:
-            raise UserError(f"no study {args.study!r} in {args.storage}; check --study and --storage.") from None
+            raise UserError(f"no study {name!r} in {args.storage}; check --study, --seed-from and --storage.") from None
+        if args.seed_from:
+            for params in seed(args.storage, args.study, study, args.top):
+                print(f"{args.study}: enqueued {params}")
+            return
         text = markdown(*rows(study))
         states = [t.state.name for t in study.trials]
         summary = ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))

@@ -17,7 +17,8 @@ from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
 from charlm.config import compose
-from charlm.model import CELLS
+from charlm.model import CELLS, RNNConfig, RNNStack
+from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
 from tests.conftest import assert_user_error, make_text, run_module, tiny_overrides
 
@@ -124,10 +125,10 @@ def test_quality_formats_lightning_max_time_and_checks_experiment_names():
 
 
 @pytest.mark.slow
-def test_quality_trains_for_a_fixed_time_and_reads_back_val_loss(tmp_path):
+def test_quality_trains_for_a_fixed_time_and_reads_back_val_and_test_loss(tmp_path):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(make_text(), encoding="utf-8")
-    overrides = [o for o in tiny_overrides(corpus, tmp_path, "test=false") if not o.startswith("paths.output_dir")]
+    overrides = [o for o in tiny_overrides(corpus, tmp_path) if not o.startswith("paths.output_dir")]
     out = tmp_path / "quality.json"
     args = ["--experiment", "default", "--max-time", "60", "--out-dir", str(tmp_path / "runs"), "--json", str(out)]
     proc = run_module("bench.quality", *args, *(f"--override={o}" for o in overrides))
@@ -137,6 +138,7 @@ def test_quality_trains_for_a_fixed_time_and_reads_back_val_loss(tmp_path):
     assert 0 < run["val_loss_best"] <= run["val_loss_last"] < 10
     assert run["val_bpc_last"] == pytest.approx(run["val_loss_last"] / 0.6931471805599453, rel=1e-4)
     assert run["wall_seconds"] > 0 and (tmp_path / "runs/default/tb").is_dir()
+    assert 0 < run["test_loss"] < 10 and run["test_bpc"] == pytest.approx(run["test_loss"] / math.log(2), rel=1e-4)
 
 
 SEARCHES = {
@@ -246,3 +248,40 @@ def test_the_study_table_lists_completed_trials_best_first_then_the_failed(tmp_p
     body = [line.split(" | ")[1:3] for line in lines[6:]]
     assert body == [["COMPLETE", "1.5000"], ["COMPLETE", "1.7000"], ["FAIL", "-"]]
     assert lines[6].endswith("| mingru |")
+
+
+def test_a_second_round_starts_with_the_first_rounds_best_trials(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from bench.study import main
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    first = optuna.create_study(study_name="r1", storage=storage)
+    lr = optuna.distributions.LogUniformDistribution(1e-3, 1e-1)
+    for value in (1.7, 1.5, 1.6):
+        first.add_trial(
+            optuna.trial.create_trial(params={"model.lr": value / 100}, distributions={"model.lr": lr}, value=value)
+        )
+    main(["--storage", storage, "--study", "r2", "--seed-from", "r1", "--top", "2"])
+    second = optuna.load_study(study_name="r2", storage=storage)
+    asked = [second.ask() for _ in range(2)]  # as the Hydra sweeper does: ask, then suggest each searched key
+    assert [t.suggest_float("model.lr", 1e-3, 1e-1, log=True) for t in asked] == [0.015, 0.016]
+    with pytest.raises(SystemExit):  # nothing completed to seed from
+        main(["--storage", storage, "--study", "r3", "--seed-from", "r2"])
+
+
+@pytest.mark.slow  # Inductor compiles C++: ~1 minute
+def test_the_compiled_sampler_rows_run_the_stepper_they_name_and_draw_what_generate_draws():
+    from bench.sampling import VOCAB, compiled_stepper, run_charlm, run_compiled, run_int8
+
+    torch.manual_seed(0)
+    net = RNNStack(len(VOCAB), RNNConfig(hidden_size=16)).eval()
+    ids, state = torch.tensor([1, 7]), torch.randn(2, 2, 2, 16)
+    exact = Stepper(net)(ids, state)[0]
+    for quantize, run_eager in (("none", run_charlm), ("int8", run_int8)):
+        with torch.inference_mode():
+            want, got = Stepper(net, quantize)(ids, state)[0], compiled_stepper(net, quantize)(ids, state)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(want, exact) == (quantize == "none")
+        eager = torch.cat(list(run_eager(net, 2, 30, torch.Generator().manual_seed(1))))
+        drawn = torch.cat(list(run_compiled(quantize)(net, 2, 30, torch.Generator().manual_seed(1))))
+        assert drawn.tolist() == eager.tolist()

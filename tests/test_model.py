@@ -24,7 +24,8 @@ def rand_state(net: RNNStack, batch: int) -> torch.Tensor:
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_at_initialisation_is_ln_vocab(cell):
     torch.manual_seed(0)
-    net = rnn(V, cell=cell, num_layers=2, hidden_size=64, dropout=0.0)
+    # untied: a tied decoder shares nn.Embedding's N(0, 1) init, and starts higher (README, The Time Machine)
+    net = rnn(V, cell=cell, num_layers=2, hidden_size=64, dropout=0.0, tie_weights=False)
     x = torch.randint(0, V, (8, 50))
     logits, _ = net(x)
     loss = F.cross_entropy(logits.reshape(-1, V), torch.randint(0, V, (8 * 50,)))
@@ -64,7 +65,7 @@ def test_future_characters_never_change_past_logits(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_carried_state_makes_two_halves_equal_the_whole(cell):
     torch.manual_seed(0)
-    net = rnn(V, cell=cell, num_layers=3, hidden_size=32).eval()
+    net = rnn(V, cell=cell, num_layers=3, hidden_size=32, tie_weights=False).eval()  # logits of the scale atol is for
     x, s0 = torch.randint(0, V, (4, 30)), rand_state(net, 4)
     whole, s_whole = net(x, s0)
     first, s_half = net(x[:, :13], s0)
@@ -131,10 +132,12 @@ def test_eval_mode_has_no_dropout():
 
 
 def test_one_hot_input_and_tied_weights():
-    net = rnn(V, cell="gru", num_layers=2, hidden_size=32, embedding_size=0)
+    net = rnn(V, cell="gru", num_layers=2, hidden_size=32, embedding_size=0, tie_weights=False)
     assert net.embedding is None and net.layers[0].input_size == V
-    tied = rnn(V, cell="lstm", num_layers=2, hidden_size=32, tie_weights=True)
+    tied = rnn(V, cell="lstm", num_layers=2, hidden_size=32)  # the default
     assert tied.decoder.weight is tied.embedding.weight
+    untied = rnn(V, cell="lstm", num_layers=2, hidden_size=32, tie_weights=False)
+    assert untied.decoder.weight is not untied.embedding.weight
 
 
 def test_init_scale_is_uniform_within_bounds():
@@ -223,7 +226,9 @@ def test_min_cells_take_layer_norm_and_locked_dropout_on_either_impl():
 @pytest.mark.parametrize("impl", ["fused", "scratch"])
 def test_lstmp_layers_read_p_inputs_and_the_state_holds_h_in_its_first_p_columns(impl):
     torch.manual_seed(0)
-    net = rnn(V, cell="lstm", impl=impl, num_layers=3, hidden_size=16, proj_size=6, embedding_size=10).eval()
+    net = rnn(
+        V, cell="lstm", impl=impl, num_layers=3, hidden_size=16, proj_size=6, embedding_size=10, tie_weights=False
+    ).eval()
     shapes = [(layer.weight_ih_l0.shape[1], layer.weight_hh_l0.shape[1]) for layer in net.layers]
     assert shapes == [(10, 6), (6, 6), (6, 6)]  # W_ih [4H, in], W_hh [4H, P]
     assert all(layer.weight_hr_l0.shape == (6, 16) for layer in net.layers)
@@ -242,7 +247,7 @@ def test_lstmp_layers_read_p_inputs_and_the_state_holds_h_in_its_first_p_columns
 @pytest.mark.parametrize("impl", ["fused", "scratch"])
 def test_lstmp_carried_state_makes_two_halves_equal_the_whole(impl):
     torch.manual_seed(0)
-    net = rnn(V, cell="lstm", impl=impl, num_layers=2, hidden_size=16, proj_size=5).double().eval()
+    net = rnn(V, cell="lstm", impl=impl, num_layers=2, hidden_size=16, proj_size=5, tie_weights=False).double().eval()
     x, s0 = torch.randint(0, V, (3, 30)), rand_state(net, 3).double()  # s0's columns after P must be ignored
     whole, s_whole = net(x, s0)
     first, s_half = net(x[:, :13], s0)
@@ -254,7 +259,7 @@ def test_lstmp_carried_state_makes_two_halves_equal_the_whole(impl):
 @pytest.mark.parametrize("impl", ["fused", "scratch"])
 def test_lstmp_stepper_equals_the_forward_pass_at_every_position(impl):
     torch.manual_seed(0)
-    net = rnn(V, cell="lstm", impl=impl, num_layers=2, hidden_size=16, proj_size=5).double().eval()
+    net = rnn(V, cell="lstm", impl=impl, num_layers=2, hidden_size=16, proj_size=5, tie_weights=False).double().eval()
     x, s0 = torch.randint(0, V, (3, 20)), rand_state(net, 3).double()
     logits, s_end = net(x, s0)
     step, state, stepped = Stepper(net), s0, []
@@ -274,7 +279,7 @@ def test_lstmp_ties_weights_with_a_p_wide_embedding_and_exports(tmp_path):
     from charlm.export import export_onnx
 
     torch.manual_seed(0)
-    model = CharLM({"chars": "abcdefg \n", "unk": None}, hidden_size=16, proj_size=6, num_layers=2)
+    model = CharLM({"chars": "abcdefg \n", "unk": None}, hidden_size=16, proj_size=6, num_layers=2, tie_weights=False)
     onnx_path, _ = export_onnx(model, tmp_path / "m.onnx")
     ids, state = torch.tensor([0, 3, 8]), torch.randn(model.net.init_state(3).shape)  # [2, L, 3, H]
     logits, new_state = ort.InferenceSession(onnx_path).run(None, {"ids": ids.numpy(), "state": state.numpy()})

@@ -143,8 +143,8 @@ def seeded(seed: int = 0) -> torch.Generator:
     [
         {"cell": "lstm"},
         {"cell": "gru"},
-        {"cell": "rnn_tanh", "embedding_size": 0},  # one-hot input
-        {"cell": "rnn_relu", "tie_weights": True},
+        {"cell": "rnn_tanh", "embedding_size": 0, "tie_weights": False},  # one-hot input
+        {"cell": "rnn_relu", "tie_weights": False},  # untied (the default ties)
         {"cell": "lstm", "impl": "scratch", "layer_norm": True},
         {"cell": "gru", "impl": "scratch", "layer_norm": True, "num_layers": 3},
     ],
@@ -179,7 +179,7 @@ def test_generation_gives_the_same_text_as_stepping_the_forward_pass(net):
 
 
 def test_stop_ends_each_stream_at_its_first_stop_text_and_nothing_else_changes(net):
-    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(6)  # noqa: E731
     free = sample_text(net, VOCAB, "ab", 60, num_samples=6, generator=gen())
     stopped = sample_text(net, VOCAB, "ab", 60, SamplingConfig(stop=" a"), num_samples=6, generator=gen())
     hits = 0
