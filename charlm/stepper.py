@@ -52,7 +52,8 @@ class Affine:
             self.weight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()  # [out, in]
             self.scale = scale.to(torch.bfloat16)
         else:
-            self.weight = weight.detach().clone(memory_format=torch.contiguous_format)  # [out, in], a copy
+            # a copy of W [out, in], kept as its transposed view [in, out]: made once, not per step
+            self.weight = weight.detach().clone(memory_format=torch.contiguous_format).t()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``bias``: rows [N, out] to add instead of the layer's own bias."""
@@ -60,7 +61,7 @@ class Affine:
         if self.int8:
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale) + bias  # bf16 + fp32: fp32
         else:
-            y = torch.addmm(bias, x, self.weight.t())
+            y = torch.addmm(bias, x, self.weight)
         return y if self.norm is None else self.norm(y)
 
 
@@ -71,7 +72,7 @@ class Stepper:
     minLSTM) on the weights of a fused or scratch ``RNNStack``; a length-1 call of a fused kernel costs ~10x more
     on CPU. Built once per generation, because it precomputes:
     - layer 0's input projection of every token, W_ih e_v + b_ih: a row lookup replaces a matmul;
-    - every other matrix as an ``Affine``: float32, transposed and contiguous, or with ``quantize="int8"``
+    - every other matrix as an ``Affine``: float32 in its stored layout, or with ``quantize="int8"``
       weight-only int8 (approximate: the logits move; bench.sampling measures what it costs in bits);
     - where a cell only needs the sum W_ih x + W_hh h (LSTM and vanilla RNN without layer norm): b_hh folded
       into layer 0's table, and one matrix [W_ih | W_hh] on [x, h] above it: fewer, larger products per step;

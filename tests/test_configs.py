@@ -151,8 +151,9 @@ def test_the_default_data_is_a_datamodule_with_no_settings(tmp_path):
 
 
 def test_the_default_run_is_the_one_the_readme_measured(tmp_path):
-    """README, results: "default: 2x256 LSTM, tied embeddings, dropout 0.3, AdamW 4e-3 with warm-up and cosine, batch 32 x 64,
-    30 epochs" on The Time Machine. A changed default in RNNConfig, OptimConfig or CharDataModule changes that run."""
+    """README, results: "default: 2x256 LSTM, tied embeddings, dropout 0.3, AdamW 4e-3 with warm-up and cosine,
+    batch 32 x 64, 30 epochs" on The Time Machine. A changed default in RNNConfig, OptimConfig or CharDataModule
+    changes that run."""
     cfg = compose_train([f"paths.output_dir={tmp_path}"])
     m, d = cfg.model, cfg.data
     assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.dropout) == ("lstm", 2, 256, None, 0.3)
