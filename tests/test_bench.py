@@ -145,6 +145,7 @@ SEARCHES = {
     "timemachine_optuna": [],
     "shakespeare_optuna": ["experiment=shakespeare"],
     "shakespeare_1min_optuna": ["experiment=shakespeare_1min"],
+    "shakespeare_5min_optuna": ["experiment=shakespeare_5min"],
 }
 
 
@@ -163,7 +164,8 @@ def test_optuna_search_composes_and_every_point_of_its_space_fits_the_corpus(sea
     spaces = {o.get_key_element(): create_optuna_distribution_from_override(o) for o in parsed}
     for key in spaces:
         assert OmegaConf.select(cfg, key, default="missing") != "missing", f"{key} is not a config key"
-    assert set(spaces["model.cell"].choices) <= set(CELLS)
+    cell = spaces["model.cell"]  # a distribution, or one fixed value (shakespeare_5min_optuna: lstm)
+    assert set(getattr(cell, "choices", [cell])) <= set(CELLS)
     # The largest batch and window of the space still fit every split of the corpus.
     cfg.data.batch_size, cfg.data.seq_len = max(spaces["data.batch_size"].choices), max(spaces["data.seq_len"].choices)
     instantiate(cfg.data).check_sizes()
