@@ -1,8 +1,8 @@
-"""Corpus -> cached token array -> contiguous splits -> TBPTT streams or random windows, sharded per rank."""
+"""Corpus -> cached token array -> contiguous splits -> CharDataModule: batches per stage (``charlm.batches``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -10,14 +10,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from charlm import UserError
+from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.cache import load_split, load_tokens
 from charlm.corpus import Preset, Tokenizing, split_paths
 from charlm.vocab import Vocab
 
 SAMPLING = ("tbptt", "random")
 STAGES = ("train", "val", "test")
-
-Batch = tuple[torch.Tensor, torch.Tensor, bool]  # x [B, T] int64, y [B, T] int64, reset: streams start afresh
 
 
 def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
@@ -38,99 +37,14 @@ def split_tokens(tokens: np.ndarray, splits: Sequence[float]) -> dict[str, np.nd
     return dict(zip(STAGES, (tokens[:a], tokens[a:b], tokens[b:]), strict=True))
 
 
-class StreamBatches(IterableDataset):
-    """TBPTT batches: the split is cut into ``world_size * batch_size`` contiguous streams.
-
-    With 2 ranks, 2 streams each, the split a b c d e f g h i j k l m n o p q r is laid out as::
-
-        rank 0: stream 0  a b c d    rank 1: stream 0  i j k l
-                stream 1  e f g h            stream 1  m n o p
-
-    and batch k is columns [k*T, (k+1)*T) of its rank's block: batch k+1 continues every stream exactly
-    where batch k stopped, so the model may carry its hidden state across batches. ``y`` is the same block
-    shifted by one character. Every rank yields the same number of batches.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-    ):
-        self.stream_len = (len(tokens) - 1) // (batch_size * world_size)
-        base = rank * batch_size * self.stream_len
-        span = batch_size * self.stream_len
-        self.x = tokens[base : base + span].reshape(batch_size, self.stream_len)  # [B, L]
-        self.y = tokens[base + 1 : base + span + 1].reshape(batch_size, self.stream_len)  # [B, L]
-        self.seq_len = seq_len
-        self.drop_last = drop_last
-        self.start = 0  # batches to skip on the next pass (a resume inside an epoch); see CharDataModule.state_dict
-        self.position = 0  # batches handed out in the current pass
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.stream_len, self.seq_len)
-        return full + (rest > 0 and not self.drop_last)
-
-    def __iter__(self) -> Iterator[Batch]:
-        start, self.start = self.start, 0
-        for k in range(start, len(self)):
-            cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
-            self.position = k + 1
-            yield _to_long(self.x[:, cols]), _to_long(self.y[:, cols]), k == 0
-
-
-class RandomWindows(IterableDataset):
-    """d2l / nanoGPT-style batches of independent random windows; the model resets its state every batch.
-
-    An epoch has as many batches as TBPTT would, and its windows are drawn from a generator seeded by
-    (seed, epoch, rank), so a resumed run draws the same windows it would have drawn.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        epoch: Callable[[], int] = lambda: 0,
-    ):
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-        self.rank, self.seed, self.epoch = rank, seed, epoch
-        self.num_batches = (len(tokens) - 1) // (batch_size * world_size * seq_len)
-        self.start, self.position = 0, 0  # as in StreamBatches
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        start, self.start = self.start, 0
-        rng = np.random.default_rng([self.seed, self.epoch(), self.rank])
-        offsets = np.arange(self.seq_len + 1)
-        for k in range(self.num_batches):
-            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-            if k < start:  # a resume inside the epoch: draw the skipped windows, so later ones are the same
-                continue
-            window = np.asarray(self.tokens[starts[:, None] + offsets])  # [B, T+1]
-            self.position = k + 1
-            yield _to_long(window[:, :-1]), _to_long(window[:, 1:]), True
-
-
-def _to_long(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.int64))
-
-
 class CharDataModule(pl.LightningDataModule):
     """Character (or byte) corpus -> (x, y, reset) batches per stage, sharded by rank without a DistributedSampler.
 
     Evaluation always uses TBPTT streams of ``eval_batch_size`` with the state carried, so that val / test
     numbers cover every token of the split once and do not depend on the training sampler. ``val_chars``
     limits validation during training to the first ``val_chars`` tokens of the val split (a fixed slice, the
-    same every time); ``full_val = True`` lifts it, for the full evaluation at the end of a run.
+    same every time); ``full_val = True`` lifts it, for the full evaluation at the end of a run. ``schedule``
+    (``charlm.batches.BatchSchedule``) gives training batches other shapes early in the run.
 
     The corpus is one of: ``path`` (a file, a folder or a glob, cut by ``splits``); ``path`` a folder holding
     the three ``split_files``; or ``train_path``, ``val_path`` and ``test_path``. ``preset`` names a standard
@@ -156,6 +70,7 @@ class CharDataModule(pl.LightningDataModule):
         split_files: Sequence[str] | None = None,
         preset: dict | None = None,
         val_chars: int | None = None,
+        schedule: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__()
         self.tokenizing = Tokenizing(unit=unit, preprocess=preprocess, unk=unk)
@@ -169,6 +84,15 @@ class CharDataModule(pl.LightningDataModule):
                 raise UserError(f"data.{name}={value!r} must be a positive integer; set it to 1 or more.")
         if val_chars is not None and (isinstance(val_chars, bool) or not isinstance(val_chars, int) or val_chars < 1):
             raise UserError(f"data.val_chars={val_chars!r} must be a positive integer, or null for the whole split.")
+        self.schedule = None if schedule is None else BatchSchedule(schedule, batch_size, seq_len)
+        if self.schedule and sampling == "tbptt":
+            for size, width in self.schedule.shapes():
+                if size != batch_size or width > seq_len:
+                    raise UserError(
+                        f"data.schedule asks for batches of {size} x {width}, but TBPTT streams keep"
+                        f" data.batch_size={batch_size} (one stream a row) and at most data.seq_len={seq_len}"
+                        " columns; vary only seq_len, up to data.seq_len, or use data.sampling=random."
+                    )
         self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
         self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
         self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
@@ -210,14 +134,17 @@ class CharDataModule(pl.LightningDataModule):
             if stage == "test" and self.splits[2] == 0:
                 continue
             batch = self.batch_size if stage == "train" else self.eval_batch_size
-            need = batch * world_size * self.seq_len + 1
+            seq_len = self.seq_len
+            if stage == "train" and self.schedule:  # the largest window of random sampling fits the split too
+                seq_len = max(t for _, t in self.schedule.shapes())
+            need = batch * world_size * seq_len + 1
             if len(part) < need:
                 name = "batch_size" if stage == "train" else "eval_batch_size"
                 tokens = "bytes" if self.tokenizing.unit == "byte" else "characters"
                 raise UserError(
                     f"the {stage} split has {len(part):,} {tokens} but data.{name}={batch} x seq_len"
-                    f" {self.seq_len} x {world_size} rank(s) needs at least {need:,}; lower data.{name} /"
-                    " data.seq_len or use a larger corpus."
+                    f" {seq_len} x {world_size} rank(s) needs at least {need:,}; lower data.{name} /"
+                    " data.seq_len (or data.schedule's) or use a larger corpus."
                 )
 
     def setup(self, stage: str | None = None) -> None:
@@ -227,6 +154,10 @@ class CharDataModule(pl.LightningDataModule):
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer else 0
+
+    def _first_step(self) -> int:
+        """The run-wide index of this epoch's first training batch: every epoch has the same number of batches."""
+        return self._epoch() * self.trainer.num_training_batches if self.trainer else 0
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         # batch_size=None: the datasets yield whole batches already. A generator of its own: otherwise every
@@ -251,10 +182,13 @@ class CharDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         part = self.parts["train"]
+        shape = {"schedule": self.schedule, "first_step": self._first_step}
         if self.sampling == "random":
-            ds = RandomWindows(part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch)
+            ds = RandomWindows(
+                part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch, **shape
+            )
         else:
-            ds = StreamBatches(part, self.batch_size, self.seq_len, self.rank, self.world_size)
+            ds = StreamBatches(part, self.batch_size, self.seq_len, self.rank, self.world_size, **shape)
         ds.start, self._resume_position = self._resume_position, 0  # the pass after a resume skips what was done
         self._train = ds
         return self._loader(ds)

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from charlm import UserError, __version__
 from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
 from charlm.model import RNNConfig, RNNStack, State
-from charlm.optim import OptimConfig, WarmupCosineLR
+from charlm.optim import DECAYS, OptimConfig, WarmupDecayLR
 from charlm.vocab import vocab_from_dict
 
 STAGES = ("train", "val", "test")
@@ -129,13 +129,13 @@ class CharLM(pl.LightningModule):
         timer = next(
             (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None
         )
-        if hp.scheduler == "cosine" and not math.isfinite(total) and timer is None:
+        if hp.scheduler in DECAYS and not math.isfinite(total) and timer is None:
             raise UserError(
-                "model.scheduler=cosine needs a finite run;"
+                f"model.scheduler={hp.scheduler} needs a finite run;"
                 " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
             )
         clock = None if timer is None else lambda: (timer.time_elapsed("train"), timer.time_remaining("train"))
-        sched = WarmupCosineLR(opt, hp.warmup_steps, total, hp.min_lr / hp.lr, hp.scheduler == "cosine", clock)
+        sched = WarmupDecayLR(opt, hp.warmup_steps, total, hp.min_lr / hp.lr, hp.scheduler, clock, hp.cooldown)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- exact resume: what the next step depends on beyond Lightning's own checkpoint state ----

@@ -12,7 +12,8 @@ import torch
 from charlm import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "step", "plateau", "cosine")
+SCHEDULERS = ("none", "step", "plateau", "cosine", "linear", "wsd")
+DECAYS = ("cosine", "linear", "wsd")  # annealed per step over the run's steps or wall clock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,8 +23,10 @@ class OptimConfig:
     Schedules: ``step`` keeps ``lr`` for ``decay_start`` epochs then multiplies it by ``decay_factor`` each
     epoch (Zaremba); ``plateau`` multiplies by ``decay_factor`` after ``plateau_patience`` epochs without a
     better val/loss; ``cosine`` anneals per step to ``min_lr`` over the run (its steps, or its wall clock under
-    ``trainer.max_time``, whichever ends it first); ``none`` keeps ``lr``. ``warmup_steps`` ramps the LR
-    linearly from 0 under ``none`` and ``cosine``. Validated on construction, with one-sentence errors that
+    ``trainer.max_time``, whichever ends it first), ``linear`` the same in a straight line, and ``wsd``
+    (warm-up, stable, decay) keeps ``lr`` until the last ``cooldown`` fraction of the run, then decays linearly
+    to ``min_lr``; ``none`` keeps ``lr``. ``warmup_steps`` ramps the LR linearly from 0 under all but ``step``
+    and ``plateau``. Validated on construction, with one-sentence errors that
     name the ``model.*`` setting to change: a rate that would train nothing or diverge at once is refused.
     """
 
@@ -32,9 +35,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
-    scheduler: str = "cosine"  # none | step (Zaremba) | plateau | cosine
-    warmup_steps: int = 20  # linear warm-up (none / cosine)
-    min_lr: float = 0.0  # cosine floor
+    scheduler: str = "cosine"  # none | step (Zaremba) | plateau | cosine | linear | wsd
+    warmup_steps: int = 20  # linear warm-up (none / cosine / linear / wsd)
+    min_lr: float = 0.0  # floor of cosine / linear / wsd
+    cooldown: float = 0.2  # wsd: the fraction of the run (after warm-up) that decays
     decay_start: int = 4  # step: epochs at full lr
     decay_factor: float = 0.5  # step / plateau: lr multiplier
     plateau_patience: int = 1
@@ -67,6 +71,8 @@ class OptimConfig:
             raise UserError(
                 f"model.betas={list(self.betas)} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999]."
             )
+        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int | float) or not 0 < self.cooldown <= 1:
+            raise UserError(f"model.cooldown={self.cooldown!r} must be in (0, 1]; e.g. model.cooldown=0.2.")
         if not 0 < self.decay_factor <= 1:
             raise UserError(f"model.decay_factor={self.decay_factor} must be in (0, 1]; e.g. model.decay_factor=0.5.")
         for name in ("warmup_steps", "decay_start", "plateau_patience"):
@@ -82,8 +88,9 @@ class OptimConfig:
         return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
 
-class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warm-up over ``warmup_steps``, then (``cosine``) a cosine from the LR down to ``floor`` x LR.
+class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up over ``warmup_steps``, then ``shape`` (``DECAYS``, or ``none``: constant) from the LR down to
+    ``floor`` x LR; ``cooldown``: the fraction of the run in which ``wsd`` decays.
 
     Progress after warm-up is measured in steps out of ``total_steps`` or, when ``clock`` is given (seconds
     elapsed and remaining under ``trainer.max_time``, from Lightning's Timer, which itself resumes), by the
@@ -96,10 +103,12 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         warmup_steps: int,
         total_steps: float,
         floor: float,
-        cosine: bool,
+        shape: str,
         clock: Callable[[], tuple[float, float]] | None = None,
+        cooldown: float = 0.2,
     ):
-        self.warmup_steps, self.total_steps, self.floor, self.cosine = warmup_steps, total_steps, floor, cosine
+        self.warmup_steps, self.total_steps, self.floor, self.shape = warmup_steps, total_steps, floor, shape
+        self.cooldown = cooldown
         self.clock = clock
         self.warmup_end_s: float | None = None  # clock reading when warm-up ended
         super().__init__(optimizer)
@@ -118,9 +127,16 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if not self.cosine:
+        if self.shape not in DECAYS:
             return 1.0
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+        p = self.progress(step)
+        if self.shape == "cosine":
+            left = 0.5 * (1 + math.cos(math.pi * p))
+        elif self.shape == "linear":
+            left = 1 - p
+        else:  # wsd: flat, then a straight line over the last `cooldown` of the run
+            left = min(1.0, (1 - p) / self.cooldown)
+        return self.floor + (1 - self.floor) * left
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
@@ -130,5 +146,5 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the progress (step, warm-up end time); the shape of the schedule comes from this run's config."""
-        config = ("warmup_steps", "total_steps", "floor", "cosine")
+        config = ("warmup_steps", "total_steps", "floor", "shape", "cooldown", "cosine")  # cosine: charlm <= 0.2.0
         self.__dict__.update({k: v for k, v in state_dict.items() if k not in config})

@@ -23,6 +23,19 @@ class RecordBatches(pl.Callback):
         np.save(f"{self.out}/rank{trainer.global_rank}.npy", np.concatenate(self.batches, axis=1))  # [B, L]
 
 
+class RecordShapes(pl.Callback):
+    """(global step, batch size, sequence length) of every training batch, as out/shapes.npy [steps, 3]."""
+
+    def __init__(self, out: str):
+        self.out, self.shapes = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shapes.append((trainer.global_step, *batch[0].shape))
+
+    def on_train_end(self, trainer, pl_module):
+        np.save(f"{self.out}/shapes.npy", np.array(self.shapes))
+
+
 class KillAt(pl.Callback):
     """Send ``signal`` (a name: SIGKILL, SIGTERM, SIGINT) to this process when training reaches ``step``."""
 

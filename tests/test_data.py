@@ -8,7 +8,8 @@ import charlm.corpus
 from charlm import UserError
 from charlm.cache import load_tokens
 from charlm.corpus import read_corpus
-from charlm.data import CharDataModule, RandomWindows, StreamBatches, split_tokens
+from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
+from charlm.data import CharDataModule, split_tokens
 from charlm.vocab import CharVocab
 from tests.conftest import ROOT, make_text
 
@@ -41,6 +42,58 @@ def test_eval_streams_keep_the_partial_last_batch():
     ds = StreamBatches(np.arange(2 * 25 + 1), batch_size=2, seq_len=10, drop_last=False)
     shapes = [x.shape[1] for x, _, _ in ds]
     assert shapes == [10, 10, 5] and sum(shapes) * 2 == 50
+
+
+def test_scheduled_stream_lengths_follow_the_run_step_and_streams_stay_contiguous():
+    """With data.schedule, batch k is schedule.at(first_step + k) columns long, and each stream still continues
+    exactly where the previous batch stopped (carried state stays valid); the epoch keeps its len() batches."""
+    tokens = np.arange(4 * 200 + 1)
+    schedule = BatchSchedule([[3, 4, 5], [6, 4, 8]], batch_size=4, seq_len=10)
+    for first in (0, 4, 100):  # epoch 0, an epoch starting inside the ramp, one after it
+        ds = StreamBatches(tokens, 4, 10, schedule=schedule, first_step=lambda f=first: f)
+        batches = list(ds)
+        assert len(batches) == len(ds) == 20
+        assert [x.shape[1] for x, _, _ in batches] == [schedule.at(first + k)[1] for k in range(20)]
+        streams = torch.cat([x for x, _, _ in batches], dim=1)  # [B, sum of lengths]
+        for row in streams:
+            assert torch.equal(row, torch.arange(row[0], row[0] + streams.shape[1]))
+        assert torch.equal(torch.cat([y for _, y, _ in batches], dim=1), streams + 1)
+    assert [x.shape[1] for x, _, _ in list(StreamBatches(tokens, 4, 10, schedule=schedule))[:7]] == [5] * 3 + [
+        8
+    ] * 3 + [10]
+
+
+def test_scheduled_random_windows_take_each_steps_shape_and_resume_to_the_same_windows():
+    tokens = np.arange(20_000)
+    schedule = BatchSchedule([[5, 2, 8], [9, 3, 16]], batch_size=4, seq_len=32)
+    ds = RandomWindows(tokens, 4, 32, schedule=schedule, first_step=lambda: 2)
+    batches = list(ds)
+    assert [tuple(x.shape) for x, _, _ in batches[:8]] == [(2, 8)] * 3 + [(3, 16)] * 4 + [(4, 32)]
+    assert all(torch.equal(y, x + 1) for x, y, _ in batches)
+    ds.start = 6  # a resume after six batches of this epoch: the same windows from there on
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[6:], list(ds), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "sampling", "message"),
+    [
+        (
+            [[10, 8, 16]],
+            "tbptt",
+            r"batches of 8 x 16, but TBPTT streams keep data.batch_size=4 .* data.sampling=random",
+        ),
+        ([[10, 4, 32]], "tbptt", r"at most data.seq_len=16 columns"),
+        ([[10, 4, 8], [5, 4, 8]], "random", r"until_step values \[10, 5\] must increase"),
+        ([[10, 4]], "random", r"entry \[10, 4\] must be three positive integers"),
+        ([[0, 4, 8]], "random", r"entry \[0, 4, 8\] must be three positive integers"),
+        ("10,4,8", "random", r"must be a list of \[until_step, batch_size, seq_len\]"),
+    ],
+)
+def test_a_bad_schedule_is_one_line_naming_the_fix(tmp_path, schedule, sampling, message):
+    path = tmp_path / "t.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        CharDataModule(str(path), batch_size=4, seq_len=16, sampling=sampling, schedule=schedule)
 
 
 def test_random_windows_reset_every_batch_and_depend_on_epoch_and_rank():

@@ -18,6 +18,7 @@ LAYERS = [
     "charlm.vocab",
     "charlm.corpus",
     "charlm.cache",
+    "charlm.batches",
     "charlm.data",
     "charlm.cells",
     "charlm.mincells",

@@ -18,7 +18,7 @@ from charlm.cli import train
 from charlm.config import build
 from charlm.data import StreamBatches
 from charlm.module import CharLM
-from charlm.optim import WarmupCosineLR
+from charlm.optim import WarmupDecayLR
 from charlm.vocab import CharVocab
 from tests.conftest import compose_train, tiny_overrides
 
@@ -99,17 +99,19 @@ class FakeClock:
         return self.now, self.budget_s - self.now
 
 
-def timed_cosine(clock: FakeClock, warmup_steps: int = 0, total_steps: float = math.inf) -> WarmupCosineLR:
+def timed_cosine(
+    clock: FakeClock, warmup_steps: int = 0, total_steps: float = math.inf, shape: str = "cosine"
+) -> WarmupDecayLR:
     """lr 0.01 annealed to min_lr 0.0001 (floor 0.01), as CharLM builds it under trainer.max_time."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    return WarmupCosineLR(opt, warmup_steps, total_steps, floor=0.01, cosine=True, clock=clock)
+    return WarmupDecayLR(opt, warmup_steps, total_steps, floor=0.01, shape=shape, clock=clock, cooldown=0.25)
 
 
-def lr_of(sched: WarmupCosineLR) -> float:
+def lr_of(sched: WarmupDecayLR) -> float:
     return sched.optimizer.param_groups[0]["lr"]
 
 
-def advance(sched: WarmupCosineLR, clock: FakeClock, steps: int, seconds: float) -> None:
+def advance(sched: WarmupDecayLR, clock: FakeClock, steps: int, seconds: float) -> None:
     """``steps`` optimizer steps spread evenly over ``seconds`` of the clock."""
     for _ in range(steps):
         clock.now += seconds / steps
@@ -141,6 +143,42 @@ def test_cosine_follows_the_clock_under_max_time_however_many_steps_fit():
         assert half == pytest.approx(0.0001 + (0.01 - 0.0001) / 2)
         assert end == pytest.approx(0.0001) and after == pytest.approx(0.0001)
     assert curves[10] == pytest.approx(curves[1000])  # independent of the number of steps
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # lr at 0, 25, 50, 75 and 100 % of the 100 s after warm-up, floor 0.0001
+        ("cosine", [0.01, *(0.0001 + 0.0099 * 0.5 * (1 + math.cos(math.pi * q / 4)) for q in (1, 2, 3)), 0.0001]),
+        ("linear", [0.01, 0.0001 + 0.0099 * 0.75, 0.00505, 0.0001 + 0.0099 * 0.25, 0.0001]),
+        ("wsd", [0.01, 0.01, 0.01, 0.01, 0.0001]),  # flat until the last quarter (cooldown 0.25), then a line
+    ],
+)
+def test_decay_shapes_follow_the_clock_from_lr_to_min_lr(shape, expected):
+    """Each shape starts at lr where warm-up ends and reaches min_lr at the end of the budget; in between it has
+    its own form: wsd holds lr until the cooldown, then falls in a straight line (half way at 7/8 of the run)."""
+    clock = FakeClock(budget_s=110.0)
+    sched = timed_cosine(clock, warmup_steps=5, shape=shape)
+    advance(sched, clock, 5, 10.0)
+    seen = [lr_of(sched)]
+    for _ in range(4):
+        advance(sched, clock, 25, 25.0)
+        seen.append(lr_of(sched))
+    assert seen == pytest.approx(expected)
+    if shape == "wsd":  # half way down the cooldown: 7/8 of the budget after warm-up
+        clock = FakeClock(budget_s=110.0)
+        sched = timed_cosine(clock, warmup_steps=5, shape=shape)
+        advance(sched, clock, 5, 10.0)
+        advance(sched, clock, 10, 87.5)
+        assert lr_of(sched) == pytest.approx(0.0001 + 0.0099 * 0.5)
+
+
+def test_unknown_cooldown_or_shape_is_one_line():
+    vocab = CharVocab.from_text("abc").to_dict()
+    with pytest.raises(UserError, match=r"model.cooldown=0 must be in \(0, 1\]"):
+        CharLM(vocab, scheduler="wsd", cooldown=0)
+    with pytest.raises(UserError, match="model.scheduler='exp' is not known; use one of .*linear, wsd"):
+        CharLM(vocab, scheduler="exp")
 
 
 def test_cosine_under_max_time_takes_the_further_of_steps_and_clock():
@@ -194,7 +232,7 @@ def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_pat
     )
     model.trainer = trainer
     sched = model.configure_optimizers()["lr_scheduler"]["scheduler"]
-    assert isinstance(sched, WarmupCosineLR) and sched.total_steps == math.inf and sched.clock is not None
+    assert isinstance(sched, WarmupDecayLR) and sched.total_steps == math.inf and sched.clock is not None
     (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
     assert sched.clock() == (0.0, 90.0) and timer.time_remaining() == 90.0
 

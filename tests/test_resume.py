@@ -26,6 +26,8 @@ CASES = {
     ],
     # random windows drawn per (seed, epoch, rank), dropout, Zaremba's per-epoch step decay.
     "random-step": ["data.sampling=random", "model.scheduler=step", "model.decay_start=1"],
+    # TBPTT with windows of 8 for the first 100 steps (into epoch 1), then 16; warm-up, stable, decay by steps.
+    "tbptt-schedule-wsd": ["data.sampling=tbptt", "data.schedule=[[100,4,8]]", "model.scheduler=wsd"],
 }
 
 
@@ -114,6 +116,7 @@ def kill_and_resume(corpus: Path, tmp: Path, case: list[str], step: int, how: st
         # between the save and the next step (they must not touch the RNG that dropout draws from)
         ("tbptt-cosine-max_time", STEPS_PER_EPOCH),
         ("random-step", STEPS_PER_EPOCH + 19),  # inside epoch 1: the skipped windows must be drawn again
+        ("tbptt-schedule-wsd", STEPS_PER_EPOCH + 7),  # inside epoch 1 and the schedule's short windows
     ],
 )
 def test_sigkill_then_resume_ends_exactly_as_the_uninterrupted_run(corpus, tmp_path, name, step):

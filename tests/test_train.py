@@ -351,3 +351,22 @@ def test_folder_and_pre_split_corpora_train_through_the_config(tmp_path):
     assert cfg.name == "books"  # a pre-split corpus is named for its folder
     metrics = train(cfg)
     assert math.isfinite(metrics["test/bpc"])
+
+
+@pytest.mark.parametrize("sampling", ["tbptt", "random"])
+def test_a_batch_schedule_reaches_the_trainer_by_the_run_step(tmp_path, sampling):
+    """data.schedule from the command line: every training batch has the shape the schedule gives its global step,
+    across the epoch boundary (epoch 1 starts inside the second phase), then data.batch_size x data.seq_len."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "out"
+    size = 4 if sampling == "tbptt" else 2  # TBPTT streams keep their batch size; random windows need not
+    schedule = [[30, size, 4], [100, 4, 8]]
+    extra = [f"data.sampling={sampling}", f"data.schedule={json.dumps(schedule).replace(' ', '')}"]
+    extra += ["test=false", "sample_length=0", "logger=none", "callbacks=no_logger"]
+    extra += ["+callbacks.shapes._target_=tests.probe.RecordShapes", f"+callbacks.shapes.out={tmp_path}"]
+    train(compose_train(tiny_overrides(corpus, out, *extra)))
+    shapes = np.load(tmp_path / "shapes.npy")  # [steps, 3]: global step, batch size, seq_len
+    assert len(shapes) == 2 * 84 and (shapes[:, 0] == np.arange(len(shapes))).all()  # 84 batches an epoch
+    want = [[size, 4]] * 30 + [[4, 8]] * 70 + [[4, 16]] * 68
+    assert shapes[:, 1:].tolist() == want
