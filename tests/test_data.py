@@ -6,9 +6,9 @@ import torch
 
 import charlm.corpus
 from charlm import UserError
+from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.cache import load_tokens
 from charlm.corpus import read_corpus
-from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.data import CharDataModule, split_tokens
 from charlm.vocab import CharVocab
 from tests.conftest import ROOT, make_text
