@@ -16,6 +16,8 @@ does not depend on the weights' values):
 - with ``--compile``, also ``charlm compiled`` and ``charlm int8 compiled`` (single stream): generate's loop with
   the Stepper's step under ``torch.compile`` (Inductor, C++ on CPU), compiled before the first character. It lost
   on the machines measured, so generate() does not offer it; this row re-checks that on yours.
+``--threads N`` sets torch's CPU threads for the whole run (``generate.py threads=N``). Every sampler but the
+compiled ones runs once before timing, so one-time kernel set-up in the process is not counted as steps.
 The time to the first character (prompt pass, set-up) is reported apart; "ms per step" and chars/s count
 every character after it, and must stay flat as the length grows for the first three samplers. Runs whose
 estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
@@ -169,8 +171,11 @@ def main() -> None:
     p.add_argument("--tail", type=float, default=0.1, help="the last fraction of --text (0.1: nanoGPT's val split)")
     p.add_argument("--max-chars", type=int, default=20000, help="at most this many characters of it")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile (1 stream)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (generate.py threads=N); 0: torch's")
     p.add_argument("--json", default="outputs/bench/sampling.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     samplers = dict(SAMPLERS)
     if args.compile:
         samplers |= {"charlm compiled": run_compiled("none"), "charlm int8 compiled": run_compiled("int8")}
@@ -180,7 +185,10 @@ def main() -> None:
     print(f"{args.layers}x{args.hidden} {args.cell}, vocab {len(VOCAB)}, {SAMPLING}, prompt 'The '")
     torch.manual_seed(0)
     net = RNNStack(len(VOCAB), RNNConfig(cell=args.cell, num_layers=args.layers, hidden_size=args.hidden)).eval()
-    run_charlm(net, 1, 50, torch.Generator().manual_seed(0))  # warm-up
+    for name, fn in samplers.items():  # warm-up: each kernel's one-time set-up in this process is not a step
+        if "compiled" not in name:  # (compiling is: it counts in the compiled rows' first character)
+            for _ in fn(net, 1, 50, torch.Generator().manual_seed(0)):
+                pass
     rows = []
     for name, fn in samplers.items():
         for streams in [1] if "compiled" in name else args.streams:

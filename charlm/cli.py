@@ -156,11 +156,23 @@ def sample(cfg: DictConfig) -> list[str]:
         raise UserError(f"device={cfg.device} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads={threads!r} must be a whole number >= 1, or null for torch's default.")
     # checked before the checkpoint is read
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)  # process-wide: set back when the samples are out
+    try:
+        return _print_samples(cfg, model, prompt, sampling, device)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, sampling: SamplingConfig, device: str) -> list[str]:
     gen = torch.Generator(device).manual_seed(cfg.seed)
     pieces = stream_text(
         model.net,

@@ -146,5 +146,12 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the progress (step, warm-up end time); the shape of the schedule comes from this run's config."""
-        config = ("warmup_steps", "total_steps", "floor", "shape", "cooldown", "cosine")  # cosine: charlm <= 0.2.0
+        config = (
+            "warmup_steps",
+            "total_steps",
+            "floor",
+            "shape",
+            "cooldown",
+            "cosine",
+        )  # cosine: saved before linear and wsd
         self.__dict__.update({k: v for k, v in state_dict.items() if k not in config})

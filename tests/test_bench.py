@@ -20,7 +20,7 @@ from charlm.config import compose
 from charlm.model import CELLS, RNNConfig, RNNStack
 from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
-from tests.conftest import assert_user_error, make_text, run_module, tiny_overrides
+from tests.conftest import ROOT, assert_user_error, make_text, run_module, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -146,7 +146,12 @@ SEARCHES = {
     "shakespeare_optuna": ["experiment=shakespeare"],
     "shakespeare_1min_optuna": ["experiment=shakespeare_1min"],
     "shakespeare_5min_optuna": ["experiment=shakespeare_5min"],
+    "shakespeare_1min_shapes_optuna": ["experiment=shakespeare_1min_fp32"],
 }
+
+
+def test_every_shipped_search_is_checked_below():
+    assert set(SEARCHES) == {p.stem for p in (ROOT / "conf/hparams_search").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("search", sorted(SEARCHES))

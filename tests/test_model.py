@@ -199,7 +199,7 @@ def test_bad_hyperparameters_are_rejected_with_the_fix(kwargs, match):
     ("kwargs", "match"),
     [
         ({"optimizer": "rmsprop"}, "model.optimizer='rmsprop' is not known; use one of sgd, adam, adamw."),
-        ({"scheduler": "linear"}, "model.scheduler='linear' is not known"),
+        ({"scheduler": "exp"}, "model.scheduler='exp' is not known"),
         ({"lr": 0}, "model.lr=0 must be a positive finite number"),
         ({"momentum": 1.0}, "model.momentum=1.0 must be in [0, 1)"),
         ({"betas": [0.9]}, "model.betas=[0.9] must be two numbers in [0, 1)"),

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+import charlm.cli
 from charlm import UserError
 from charlm.cli import sample, train
 from charlm.model import RNNConfig
@@ -269,6 +270,7 @@ def test_prompt_file_reads_the_prompt_and_follows_unknown(trained, tmp_path, cap
         (["prompt_file={tmp}/latin1.txt"], "is not UTF-8 text (bad byte at offset 1)"),
         (["stop=''"], "stop='' must be non-empty text"),
         (["format=xml"], "format='xml' is not known; use one of text, jsonl."),
+        (["threads=0"], "threads=0 must be a whole number >= 1, or null for torch's default."),
     ],
 )
 def test_sampler_options_reject_bad_input_in_one_line(trained, tmp_path, args, match):
@@ -277,6 +279,30 @@ def test_sampler_options_reject_bad_input_in_one_line(trained, tmp_path, args, m
     (tmp_path / "latin1.txt").write_bytes("a\xe9b".encode("latin-1"))
     with pytest.raises(UserError, match=re.escape(match)):
         sample(compose_generate([f"ckpt={out}/checkpoints/best.ckpt", *(a.format(tmp=tmp_path) for a in args)]))
+
+
+def test_threads_sets_the_samplers_threads_and_then_gives_them_back(trained, monkeypatch, capsys):
+    """threads=1 runs the whole generation on one thread (faster for one stream on some CPUs: README, Speed), and
+    the process's own setting is back afterwards, also when sampling fails; the text is the same either way."""
+    out, _, _ = trained
+    seen, real = [], charlm.cli.stream_text
+
+    def spy(*args, **kwargs):
+        for piece in real(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            yield piece
+
+    monkeypatch.setattr(charlm.cli, "stream_text", spy)
+    before = torch.get_num_threads()
+    base = [f"ckpt={out}/checkpoints/best.ckpt", "prompt=ab", "length=20"]
+    one = sample(compose_generate([*base, "threads=1"]))
+    assert set(seen) == {1} and len(seen) == 21 and torch.get_num_threads() == before  # the prompt, 20 characters
+    seen.clear()
+    assert sample(compose_generate(base)) == one and set(seen) == {before}
+    monkeypatch.setattr(charlm.cli, "stream_text", lambda *a, **k: iter([("x",), 1]))  # fails inside the loop
+    with pytest.raises(TypeError):
+        sample(compose_generate([*base, "threads=1"]))
+    assert torch.get_num_threads() == before
 
 
 def test_several_samples_print_as_blocks_or_json_lines_with_stop(trained, capsys):
