@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import Diverged, UserError
+from charlm.module import logs_step_metrics
 from charlm.sampling import SamplingConfig, sample_text
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -133,7 +134,8 @@ class NonFiniteGuard(pl.Callback):
         loss = pl_module.last_train_loss
         bad = not (math.isfinite(float(norm)) and math.isfinite(float(loss)))
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank takes the same branch
-        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if logs_step_metrics(trainer):
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if not bad:
             return
         step = trainer.global_step
@@ -206,7 +208,8 @@ class Throughput(pl.Callback):
     Lightning's ThroughputMonitor logs items per second to the loggers only, not to the progress bar, and knows
     no time left; tqdm's own estimate covers the current epoch only. The time left is the smaller of what the
     step limit (``max_epochs`` / ``max_steps``: Lightning's estimate of the run's steps) and ``max_time`` leave.
-    Validation time counts, as it does for the user waiting. ``clock`` is injectable for tests."""
+    Validation time counts, as it does for the user waiting. Updated on the steps Lightning logs
+    (``logs_step_metrics``). ``clock`` is injectable for tests."""
 
     def __init__(self, window: int = 50, clock: Callable[[], float] = time.monotonic):
         if window < 1:
@@ -221,7 +224,7 @@ class Throughput(pl.Callback):
         self._chars += batch[1].numel() * trainer.world_size  # y [B, T] on every rank
         self._marks = [*self._marks[-self.window :], (self.clock(), self._chars)]
         (t0, c0), (t1, c1) = self._marks[0], self._marks[-1]
-        if t1 <= t0:
+        if t1 <= t0 or not logs_step_metrics(trainer):
             return
         steps_per_s = (len(self._marks) - 1) / (t1 - t0)
         left = [(trainer.estimated_stepping_batches - trainer.global_step) / steps_per_s]

@@ -24,6 +24,18 @@ from charlm.vocab import vocab_from_dict
 STAGES = ("train", "val", "test")
 
 
+def logs_step_metrics(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes per-step metrics to the loggers after this training batch (every
+    ``trainer.log_every_n_steps`` steps, and the last).
+
+    Per-step ``self.log`` calls are made only then: each costs ~0.6 ms of Python in Lightning's result
+    collection whether or not it is written (4 a step were 6 % of a 2x128 LSTM's step on 2 CPU cores), and
+    the values of the other steps were dropped anyway. The progress bar keeps the last logged value. Lightning
+    has no public switch for this; its own test is ``_logger_connector.should_update_logs``."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return connector is None or bool(connector.should_update_logs or trainer.fast_dev_run)
+
+
 def split_hparams(hparams: dict) -> tuple[RNNConfig, OptimConfig]:
     """Flat ``model.*`` settings -> the network's and the optimiser's configs (each validates itself)."""
     names = {cls: {f.name for f in fields(cls)} for cls in (RNNConfig, OptimConfig)}
@@ -84,7 +96,8 @@ class CharLM(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         self.last_train_loss = loss.detach()
-        self.log("train/loss_step", loss, prog_bar=True)
+        if logs_step_metrics(self.trainer):
+            self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

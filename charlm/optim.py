@@ -85,7 +85,16 @@ class OptimConfig:
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        params = list(params)
+        # torch's fused kernel (one pass over each tensor) where every parameter's device has one: on 2 CPU cores
+        # it cut AdamW's step from 0.87 to 0.22 ms for 2x128 (README, Speed). It rounds like the loop it
+        # replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load, so a resumed run keeps
+        # the kernel it started with.
+        fused = bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
+        return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused or None)
+
+
+_FUSED_DEVICES = ("cpu", "cuda")  # Adam(W) fused kernels in torch 2.13 that charlm runs on
 
 
 class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):

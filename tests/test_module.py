@@ -18,7 +18,7 @@ from charlm.cli import train
 from charlm.config import build
 from charlm.data import StreamBatches
 from charlm.module import CharLM
-from charlm.optim import WarmupDecayLR
+from charlm.optim import OptimConfig, WarmupDecayLR
 from charlm.vocab import CharVocab
 from tests.conftest import compose_train, tiny_overrides
 
@@ -249,8 +249,9 @@ def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_pat
 
 def test_throughput_reports_characters_per_second_and_the_time_left(corpus, tmp_path):
     """With a clock that advances 0.5 s per step, 4 x 16 characters per step is 128 characters/s, and the time
-    left is the steps left at 2 steps/s."""
-    cfg = compose_train(tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0"))
+    left is the steps left at 2 steps/s (every step is a logging step here)."""
+    extra = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "test=false", "sample_length=0"]
+    cfg = compose_train(tiny_overrides(corpus, tmp_path, *extra))
     dm, model, trainer = build(cfg)
     (meter,) = [c for c in trainer.callbacks if isinstance(c, Throughput)]
     ticks = iter(range(10_000))
@@ -267,3 +268,54 @@ def test_throughput_reports_characters_per_second_and_the_time_left(corpus, tmp_
     for step, chars_per_s, eta_min in seen:
         assert chars_per_s == pytest.approx(4 * 16 * 2)
         assert eta_min == pytest.approx((total - step) / 2 / 60)
+
+
+def test_per_step_metrics_are_logged_only_on_the_steps_lightning_writes(corpus, tmp_path, monkeypatch):
+    """self.log costs ~0.6 ms even when Lightning drops the value, so the per-step scalars (loss, gradient norm,
+    speed, time left) are logged only every trainer.log_every_n_steps steps, and TensorBoard still has them all."""
+    extra = ["trainer.max_epochs=1", "trainer.log_every_n_steps=3", "test=false", "sample_length=0"]
+    dm, model, trainer = build(compose_train(tiny_overrides(corpus, tmp_path, *extra)))
+    calls: list[tuple[int, str]] = []
+    log = pl.LightningModule.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if self.trainer.training and not self.trainer.sanity_checking:
+            calls.append((self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, name))  # batch 1, 2, ...
+        return log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", counting_log)
+    trainer.fit(model, datamodule=dm)
+    batches = trainer.global_step
+    assert batches > 6
+    per_step = ("train/loss_step", "train/grad_norm", "train/chars_per_s", "train/eta_min")
+    logged = set(range(3, batches + 1, 3))
+    for name in per_step:
+        assert sorted(b for b, n in calls if n == name) == sorted(logged), name
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    for tag in ("2_train/loss_step", "3_optim/grad_norm", "3_optim/chars_per_s"):  # TensorBoard's steps count from 0
+        assert [e.step + 1 for e in acc.Scalars(tag)] == sorted(logged), tag
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_runs_torchs_fused_kernel_on_cpu_and_matches_the_loop(name):
+    """The fused kernel (4x faster for a 2x128 LSTM on 2 CPU cores) takes the same steps as torch's loop."""
+    torch.manual_seed(0)
+    cfg = OptimConfig(optimizer=name, lr=0.01, weight_decay=0.1)
+    fast, ref = (CharLM(CharVocab.from_text("abcdefgh").to_dict(), hidden_size=16, dropout=0.0) for _ in range(2))
+    ref.load_state_dict(fast.state_dict())
+    opt = cfg.make_optimizer(fast.parameters())
+    assert opt.param_groups[0]["fused"] is True
+    ref_opt = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(
+        ref.parameters(), lr=0.01, betas=cfg.betas, weight_decay=0.1, foreach=False
+    )
+    x = torch.randint(0, 8, (3, 12))
+    for _ in range(5):
+        for model, o in ((fast, opt), (ref, ref_opt)):
+            o.zero_grad()
+            logits, _ = model(x)
+            F.cross_entropy(logits.reshape(-1, 8), x.reshape(-1)).backward()
+            o.step()
+    for p, q in zip(fast.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not OptimConfig(optimizer="sgd").make_optimizer(fast.parameters()).param_groups[0].get("fused")
