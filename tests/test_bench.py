@@ -292,3 +292,18 @@ def test_the_compiled_sampler_rows_run_the_stepper_they_name_and_draw_what_gener
         eager = torch.cat(list(run_eager(net, 2, 30, torch.Generator().manual_seed(1))))
         drawn = torch.cat(list(run_compiled(quantize)(net, 2, 30, torch.Generator().manual_seed(1))))
         assert drawn.tolist() == eager.tolist()
+
+
+def test_step_overhead_benchmark_times_the_optimisers_and_the_logging(tmp_path):
+    out = tmp_path / "step_overhead.json"
+    args = ["--hidden", "16", "--batch", "4", "--seq-len", "8", "--updates", "3", "--repeats", "1"]
+    args += ["--steps", "9", "--warmup", "1", "--pairs", "1", "--override", f"paths.cache_dir={tmp_path}"]
+    proc = run_module("bench.step_overhead", *args, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"]
+    assert set(result["optimizer_median_seconds"]) == {"loop", "foreach", "fused"}
+    assert all(s > 0 for s in result["optimizer_median_seconds"].values())
+    every, tenth = sorted(result["runs"], key=lambda r: r["log_every_n_steps"])
+    # 10 steps: the four per-step scalars on each step when every step is logged, else on the tenth (+ epoch end)
+    assert every["log_calls_per_step"] >= 4 and tenth["log_calls_per_step"] < 1.5
+    assert every["ms_per_step"] > 0 and tenth["chars_per_s"] > 0
