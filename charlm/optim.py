@@ -14,6 +14,7 @@ from charlm import UserError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "plateau", "cosine", "linear", "wsd")
 DECAYS = ("cosine", "linear", "wsd")  # annealed per step over the run's steps or wall clock
+_FUSED_DEVICES = ("cpu", "cuda")  # Adam(W) fused kernels in torch 2.13 that charlm runs on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,14 +88,11 @@ class OptimConfig:
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
         params = list(params)
         # torch's fused kernel (one pass over each tensor) where every parameter's device has one: on 2 CPU cores
-        # it cut AdamW's step from 0.87 to 0.22 ms for 2x128 (README, Speed). It rounds like the loop it
-        # replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load, so a resumed run keeps
-        # the kernel it started with.
+        # it cut AdamW's step from 0.75 to 0.20 ms for 2x128 (README, Results; bench.step_overhead). It rounds
+        # like the loop it replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load, so a
+        # resumed run keeps the kernel it started with.
         fused = bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
         return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused or None)
-
-
-_FUSED_DEVICES = ("cpu", "cuda")  # Adam(W) fused kernels in torch 2.13 that charlm runs on
 
 
 class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
