@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
+from charlm.info import describe, machine_info
 from charlm.mincells import MIN_GATES
 from charlm.model import RNNConfig, RNNStack
 

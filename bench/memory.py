@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 from bench import ROOT
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
 from bench.tokenize_speed import _status_bytes, build_corpus
 from charlm import UserError, reported_user_errors
+from charlm.info import describe, machine_info
 
 TARGET_GROWTH = 0.1  # peak RSS growth / corpus growth
 PHASES = ("tokenize", "train")

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from bench import ROOT
 from bench.events import RunEvents
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
 from charlm import UserError, reported_user_errors
 from charlm.config import CONF_DIR
+from charlm.info import describe, machine_info
 
 DEFAULT = "default"  # no experiment= override: train.yaml's own defaults
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from bench import ROOT
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
+from charlm.info import describe, machine_info
 from charlm.model import RNNConfig, RNNStack
 from charlm.module import load_checkpoint
 from charlm.sampling import SamplingConfig, Stepper, generate, next_token

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
 from bench.throughput import StepTimer, compose_run
 from charlm.config import build
+from charlm.info import describe, machine_info
 from charlm.model import RNNConfig, RNNStack
 
 ADAMW = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

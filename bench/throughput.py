@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
 from charlm.cells import GATES
-from charlm.config import build, compose, fast_precision
+from charlm.config import build, compose
+from charlm.hardware import default_precision
+from charlm.info import describe, machine_info
 from charlm.model import RNNStack
 from charlm.module import CharLM
 
@@ -167,7 +169,7 @@ def main() -> None:
     fpc = flops_per_char(args.cell, args.layers, args.hidden, embedding, len(dm.vocab))
     peak = matmul_peak()
     # Emulated bf16 (no AVX512-BF16 / AMX) is ~30x slower than fp32 and would take minutes to time: skip it.
-    peak_bf16 = matmul_peak(torch.bfloat16) if fast_precision("cpu") == "bf16-mixed" else None
+    peak_bf16 = matmul_peak(torch.bfloat16) if default_precision("cpu")[0] == "bf16-mixed" else None
     bf16_row = [f"{peak_bf16:.1f}", f"{100 * peak_bf16 / peak:.0f}%"] if peak_bf16 else ["-", "not native here"]
     achieved = {k: statistics.median(r[f"{k}_chars_per_s"] for r in pairs) * fpc / 1e9 for k in ("charlm", "plain")}
     print()

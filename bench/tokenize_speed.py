@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 from bench import ROOT
-from bench.report import describe, machine_info, table, write_json
+from bench.report import table, write_json
 from charlm import UserError, reported_user_errors
+from charlm.info import describe, machine_info
 
 TARGET_MB_S = 100.0
 TARGET_MEMORY_RATIO = 2.0  # peak RSS above the import baseline / corpus bytes

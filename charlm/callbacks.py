@@ -113,37 +113,75 @@ class LastCheckpoint(Checkpoint):
 
 
 class NonFiniteGuard(pl.Callback):
-    """Stop (``stop``) or skip (``skip``) a training step whose loss or gradient norm is not finite.
+    """Stop a run that diverged: a training step whose loss or gradient norm is not finite (or, with
+    ``on_nonfinite=skip``, skip that step), or whose loss exceeds ``loss_limit`` x its starting loss: the larger
+    of ln V (a uniform guess over the V tokens) and the run's first loss, as char-rnn stops at 3x its first loss.
+    The first loss is state, so a resumed run keeps its reference.
 
-    Runs in ``on_before_optimizer_step``, after backward and before clipping and the update, so a stopped run's
-    weights, ``last.ckpt`` and ``best.ckpt`` are all from the last finite step. Logs ``train/grad_norm`` (before
-    clipping). A skipped step updates nothing: its gradients are dropped (optimisers skip parameters without a
-    gradient, momentum included), the carried TBPTT state restarts, and ``train/skipped_steps`` counts it. A
-    non-finite val loss also stops the run, before the checkpoint callbacks see it.
+    Runs in ``on_before_optimizer_step``, after backward (and a gradient scaler's unscaling) and before clipping
+    and the update, so a stopped run's weights, ``last.ckpt`` and ``best.ckpt`` are all from before the bad step.
+    Logs ``train/grad_norm`` (before clipping). A skipped step updates nothing: its gradients are dropped
+    (optimisers skip parameters without a gradient, momentum included), the carried TBPTT state restarts, and
+    ``train/skipped_steps`` counts it. A non-finite val loss also stops the run, before the checkpoint callbacks
+    see it.
+
+    Under a gradient scaler (``16-mixed``), non-finite gradients with a finite loss are an overflow of the scaled
+    gradients: the scaler skips that update and lowers its scale, so the run goes on (``train/overflow_steps``
+    counts them). Only ``MAX_OVERFLOWS`` in a row, where even a tiny scale overflows, count as divergence.
     """
 
-    def __init__(self, policy: str = "stop"):
+    MAX_OVERFLOWS = 40  # consecutive overflow steps: the scaler's scale has halved 40 times (2^16 -> 2^-24)
+
+    def __init__(self, policy: str = "stop", loss_limit: float | None = 3.0):
         if policy not in NONFINITE_POLICIES:
             raise UserError(f"on_nonfinite={policy!r} is not known; use on_nonfinite=stop or on_nonfinite=skip.")
-        self.policy = policy
-        self.skipped = 0
+        if loss_limit is not None and (
+            isinstance(loss_limit, bool) or not isinstance(loss_limit, int | float) or not loss_limit > 1
+        ):
+            raise UserError(f"loss_limit={loss_limit!r} must be a number > 1 (or null: off); e.g. loss_limit=3.")
+        self.policy, self.loss_limit = policy, loss_limit
+        self.skipped = self.overflows = self.overflows_in_a_row = 0
+        self.first_loss: float | None = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        loss = pl_module.last_train_loss
-        bad = not (math.isfinite(float(norm)) and math.isfinite(float(loss)))
-        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank takes the same branch
+        loss = float(pl_module.last_train_loss)
+        finite_loss, finite_norm = math.isfinite(loss), math.isfinite(float(norm))
+        if self.first_loss is None and finite_loss:
+            self.first_loss = loss
+        start = max(math.log(max(2, len(pl_module.vocab))), self.first_loss or 0.0)
+        bound = self.loss_limit * start if self.loss_limit else math.inf
+        # every rank takes the same branch
+        too_high = trainer.strategy.reduce_boolean_decision(finite_loss and loss > bound, all=False)
+        bad = trainer.strategy.reduce_boolean_decision(not (finite_loss and finite_norm), all=False)
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        overflow = scaled and bad and trainer.strategy.reduce_boolean_decision(finite_loss, all=True)
         if logs_step_metrics(trainer):
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        step = trainer.global_step
+        if too_high:
+            raise Diverged(
+                f"training diverged at step {step}: loss {loss:.4g} nats is over loss_limit={self.loss_limit:g} x"
+                f" the starting loss {start:.3g}; {_kept(trainer)}: lower model.lr or keep trainer.gradient_clip_val."
+            )
+        if overflow:
+            self.overflows += 1
+            self.overflows_in_a_row += 1
+            pl_module.log("train/overflow_steps", float(self.overflows), on_step=True, on_epoch=False)
+            if self.overflows_in_a_row < self.MAX_OVERFLOWS:
+                return  # the scaler skips this update and lowers its scale
+            raise Diverged(
+                f"training diverged at step {step}: the scaled gradients overflowed {self.overflows_in_a_row} steps"
+                f" in a row; {_kept(trainer)}: lower model.lr or train in bf16-mixed or 32-true."
+            )
+        self.overflows_in_a_row = 0
         if not bad:
             return
-        step = trainer.global_step
         if self.policy == "stop":
             raise Diverged(
-                f"training diverged at step {step} (loss {float(loss):.4g}, gradient norm {float(norm):.4g});"
-                " checkpoints keep the last finite state: lower model.lr, keep trainer.gradient_clip_val,"
-                " or pass on_nonfinite=skip."
+                f"training diverged at step {step} (loss {loss:.4g}, gradient norm {float(norm):.4g});"
+                f" {_kept(trainer)}: lower model.lr, keep trainer.gradient_clip_val, or pass on_nonfinite=skip."
             )
         self.skipped += 1
         for p in pl_module.parameters():
@@ -156,15 +194,31 @@ class NonFiniteGuard(pl.Callback):
         if trainer.sanity_checking or loss is None or math.isfinite(float(loss)):
             return
         raise Diverged(
-            f"val/loss is {float(loss)} at step {trainer.global_step}; checkpoints keep the last finite"
-            " state: lower model.lr or keep trainer.gradient_clip_val."
+            f"val/loss is {float(loss)} at step {trainer.global_step}; {_kept(trainer)}: lower model.lr or keep"
+            " trainer.gradient_clip_val."
         )
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
+        counts = {"skipped": self.skipped, "overflows": self.overflows, "overflows_in_a_row": self.overflows_in_a_row}
+        return counts | {"first_loss": self.first_loss}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = state_dict["skipped"]
+        self.overflows = state_dict.get("overflows", 0)  # absent from checkpoints written before it was counted
+        self.overflows_in_a_row = state_dict.get("overflows_in_a_row", 0)
+        self.first_loss = state_dict.get("first_loss")
+
+
+def _kept(trainer: pl.Trainer) -> str:
+    """What the user still has after a divergence: the checkpoints written so far (from before the bad step)."""
+    written = []
+    for cb in trainer.checkpoint_callbacks:
+        path = cb.path if isinstance(cb, LastCheckpoint) else getattr(cb, "best_model_path", "")
+        if path and Path(path).is_file():
+            written.append(Path(path).name)
+    if not written:
+        return "no checkpoint was written yet"
+    return f"{' and '.join(sorted(set(written)))} keep the last good state"
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -83,6 +83,8 @@ def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
     t = cfg.trainer
     params |= {f"trainer.{k}": t.get(k) for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
     params["trainer.precision"] = str(trainer.precision)
+    if "recipes" in cfg:  # a budget preset's per-precision recipe (conf/experiment/shakespeare_5min.yaml)
+        params["recipe"] = cfg.recipe
     params["trainer.processes"] = trainer.world_size
     params["seed"] = cfg.seed
     return {
@@ -94,6 +96,8 @@ def report(
     cfg: DictConfig, trainer: pl.Trainer, model: CharLM, metrics: dict[str, float], weights: str, best: str, last: str
 ) -> None:
     bits = model.vocab.bits
+    recipe = f", recipe {cfg.recipe} (of the experiment's {', '.join(cfg.recipes)})" if "recipes" in cfg else ""
+    print(f"precision: {trainer.precision}{recipe}")
     for stage in REPORTED:
         if f"{stage}/loss" in metrics:
             print(

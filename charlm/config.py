@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -38,6 +37,7 @@ from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
 from charlm.checkpoint import AtomicCheckpointIO, check_run_dir
 from charlm.data import CharDataModule
+from charlm.hardware import default_precision, recipe_for
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
@@ -55,15 +55,6 @@ def _shipped(in_package: str, in_checkout: str) -> Path:
 
 CONF_DIR = _shipped("conf", "conf")  # train.yaml, generate.yaml and the config groups
 DATA_DIR = _shipped("corpora", "data")  # the shipped corpora: timemachine.txt, tinyshakespeare.txt
-
-
-def fast_precision(accelerator: str = "auto") -> str:
-    """``bf16-mixed`` where the hardware runs bf16 natively (a CUDA GPU with bf16, or an x86 CPU with
-    AVX512-BF16 or AMX: ~1.8x faster LSTM training here), else ``32-true``: emulated bf16 would be slower."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return "bf16-mixed" if any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks) else "32-true"
 
 
 def run_id() -> str:
@@ -128,7 +119,10 @@ def data_defaults() -> dict:
 
 
 OmegaConf.register_new_resolver("charlm_data", lambda: str(DATA_DIR), replace=True)
-OmegaConf.register_new_resolver("charlm_precision", fast_precision, replace=True)
+OmegaConf.register_new_resolver(
+    "charlm_precision", lambda accelerator="auto": default_precision(accelerator)[0], replace=True
+)
+OmegaConf.register_new_resolver("charlm_recipe", recipe_for, replace=True)
 OmegaConf.register_new_resolver("charlm_run_id", run_id, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("charlm_run_stamp", run_stamp, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("charlm_run_name", run_name, replace=True)
@@ -200,6 +194,19 @@ def check_trainer(cfg: DictConfig) -> None:
     check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
 
 
+def check_recipe(cfg: DictConfig) -> None:
+    """A budget preset with per-precision ``recipes``: ``recipe`` (picked by ``trainer.precision``, or set) must
+    name one of them."""
+    if "recipes" not in cfg:
+        return
+    if cfg.recipe not in cfg.recipes:
+        names = " or ".join(f"recipe={name}" for name in cfg.recipes)
+        raise UserError(
+            f"recipe={cfg.recipe!r} is not a recipe of this experiment; pass {names}, or leave recipe out to pick"
+            " the one tuned for trainer.precision."
+        )
+
+
 def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
     anything is written."""
@@ -209,6 +216,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_trainer(cfg)
+    check_recipe(cfg)
     requeued = requeued_resume_path(cfg.paths.output_dir)
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
         if os.environ.get("SLURM_PROCID", "0") == "0":
@@ -226,8 +234,9 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: logger=none alone must work
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks.append(NonFiniteGuard(cfg.on_nonfinite))
-    plugins = [AtomicCheckpointIO()]
+    callbacks.append(NonFiniteGuard(cfg.on_nonfinite, cfg.loss_limit))
+    # A user's own trainer.plugins (e.g. a MixedPrecision plugin with its own GradScaler) join charlm's.
+    plugins = [AtomicCheckpointIO(), *(instantiate(p) for p in cfg.trainer.get("plugins") or ())]
     if slurm_job() is not None:  # SlurmRequeue says why it, not Lightning's auto_requeue, saves and requeues
         callbacks.append(SlurmRequeue(run_last_ckpt(cfg.paths.output_dir)))
         plugins.append(SLURMEnvironment(auto_requeue=False))

@@ -21,6 +21,7 @@ recurrent dropout have nothing to act on and are refused; layer norm (of W_ih x)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -230,11 +231,24 @@ class RNNStack(nn.Module):
             return layer(h, state, weight_hh)
         p = self.cfg.output_size
         layer_state = (state[0:1, :, :p], state[1:2]) if self.cell == "lstm" else state[0:1]  # h [1, B, P], C
-        if weight_hh is None:  # the recurrence h(t-1)->h(t) runs inside the fused kernel
-            h, layer_state = layer(h, layer_state)
-        else:
-            h, layer_state = torch.func.functional_call(layer, {"weight_hh_l0": weight_hh}, (h, layer_state))
+        fp32 = self.cell == "lstm" and _cpu_fp16_autocast(h)
+        if fp32:  # oneDNN has no fp16 LSTM kernel (torch 2.13: "could not create a primitive descriptor")
+            h, layer_state = h.float(), tuple(s.float() for s in layer_state)
+        with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
+            if weight_hh is None:  # the recurrence h(t-1)->h(t) runs inside the fused kernel
+                h, layer_state = layer(h, layer_state)
+            else:
+                h, layer_state = torch.func.functional_call(layer, {"weight_hh_l0": weight_hh}, (h, layer_state))
         if self.cell != "lstm":
             return h, layer_state
         h_n, c_n = layer_state  # [1, B, P], [1, B, H]
         return h, torch.cat((F.pad(h_n, (0, self.hidden_size - p)), c_n))  # [2, B, H]
+
+
+def _cpu_fp16_autocast(h: torch.Tensor) -> bool:
+    """Whether ``h`` is computed under CPU fp16 autocast (a ``16-mixed`` precision plugin built for the CPU, as
+    the tests build one to run a GPU's fp16 path). The fused LSTM layer then runs in fp32; GRU and RNN layers
+    have fp16 kernels, and bf16, GPUs and fp32 are untouched."""
+    return (
+        h.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    )

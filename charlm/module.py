@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from charlm import UserError, __version__
 from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
 from charlm.model import RNNConfig, RNNStack, State
-from charlm.optim import DECAYS, OptimConfig, WarmupDecayLR
+from charlm.optim import DECAYS, OptimConfig, WarmupDecayLR, fused_kernel_allowed
 from charlm.vocab import vocab_from_dict
 
 STAGES = ("train", "val", "test")
@@ -127,7 +127,7 @@ class CharLM(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.optim_cfg
-        opt = hp.make_optimizer(self.parameters())
+        opt = hp.make_optimizer(self.parameters(), fused=self._fused_allowed())
         if hp.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=hp.decay_factor, patience=hp.plateau_patience
@@ -151,6 +151,12 @@ class CharLM(pl.LightningModule):
         sched = WarmupDecayLR(opt, hp.warmup_steps, total, hp.min_lr / hp.lr, hp.scheduler, clock, hp.cooldown)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _fused_allowed(self) -> bool:
+        """``fused_kernel_allowed`` for this run's precision plugin and clipping."""
+        trainer = self.trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        return fused_kernel_allowed(trainer.precision, bool(trainer.gradient_clip_val), scaler)
+
     # ---- exact resume: what the next step depends on beyond Lightning's own checkpoint state ----
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -172,6 +178,11 @@ class CharLM(pl.LightningModule):
         if self._trainer is None:
             return
         rescale_lr(checkpoint, self.hparams.lr / checkpoint["hyper_parameters"].get("lr", self.hparams.lr))
+        if not self._fused_allowed():  # e.g. a 32-true checkpoint resumed in bf16-mixed with clipping
+            for opt in checkpoint.get("optimizer_states", []):
+                for group in opt["param_groups"]:
+                    if group.get("fused"):
+                        group["fused"] = None
         if not ranks:
             return
         world = self.trainer.world_size

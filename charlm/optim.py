@@ -81,18 +81,33 @@ class OptimConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"model.{name}={value!r} must be a whole number >= 0.")
 
-    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The configured optimiser over ``params`` (the schedule needs the Trainer: see CharLM)."""
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:
+        """The configured optimiser over ``params`` (the schedule needs the Trainer: see CharLM). ``fused=False``
+        keeps Adam(W) off torch's fused kernel (see ``fused_kernel_allowed``)."""
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
         params = list(params)
-        # torch's fused kernel (one pass over each tensor) where every parameter's device has one: on 2 CPU cores
-        # it cut AdamW's step from 0.75 to 0.20 ms for 2x128 (README, Results; bench.step_overhead). It rounds
-        # like the loop it replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load, so a
-        # resumed run keeps the kernel it started with.
-        fused = bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
+        # torch's fused kernel (one pass over each tensor) where every parameter's device has one: several times
+        # faster than the per-tensor loop for small models (bench.step_overhead). It rounds like the loop it
+        # replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load where the kernel is allowed,
+        # so a resumed run keeps the kernel it started with.
+        fused = fused and bool(params)
+        fused = fused and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
         return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused or None)
+
+
+def fused_kernel_allowed(precision: object, clipping: bool, scaler: bool | None = None) -> bool:
+    """Whether Adam(W) may run torch's fused kernel in a run at ``precision``.
+
+    The fused kernel unscales gradients inside its step. So under a gradient scaler (``16-mixed`` on a GPU;
+    ``scaler=None``: Lightning's own choice for ``precision``) the callbacks before the step would see still-scaled
+    gradients, and under mixed precision Lightning refuses to clip for such an optimizer at all. The kernel runs
+    in full precision, and in ``bf16-mixed`` without clipping."""
+    text = str(precision)
+    if scaler is None:
+        scaler = text == "16-mixed"
+    return not scaler and not (text.endswith("mixed") and clipping)
 
 
 class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):

@@ -82,3 +82,19 @@ class RisingScore(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         pl_module.log("probe/score", float(trainer.current_epoch))
+
+
+class NanLossAt(pl.Callback):
+    """Make the logits, and so the loss, of optimizer step ``step`` NaN: the model itself blew up."""
+
+    def __init__(self, step: int):
+        self.step, self._hook = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self._hook = pl_module.net.decoder.register_forward_hook(lambda mod, args, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

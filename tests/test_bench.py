@@ -17,6 +17,7 @@ from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
 from charlm.config import compose
+from charlm.info import describe, machine_info
 from charlm.model import CELLS, RNNConfig, RNNStack
 from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
@@ -41,7 +42,11 @@ def test_tokenize_speed_reports_first_run_and_cached_reload(tmp_path):
         "bench.tokenize_speed", "--mb", "1", "--repeats", "1", "--tmp-dir", str(tmp_path), "--json", str(out)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("machine: ") and "first run" in proc.stdout and "cached reload" in proc.stdout
+    assert (
+        proc.stdout.startswith(describe(machine_info()).splitlines()[0])
+        and "first run" in proc.stdout
+        and "cached reload" in proc.stdout
+    )
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"]
     corpus = report["corpus"]
@@ -300,6 +305,7 @@ def test_step_overhead_benchmark_times_the_optimisers_and_the_logging(tmp_path):
     args += ["--steps", "9", "--warmup", "1", "--pairs", "1", "--override", f"paths.cache_dir={tmp_path}"]
     proc = run_module("bench.step_overhead", *args, "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(describe(machine_info()).splitlines()[0])  # charlm-info's block first
     result = json.loads(out.read_text())["results"]
     assert set(result["optimizer_median_seconds"]) == {"loop", "foreach", "fused"}
     assert all(s > 0 for s in result["optimizer_median_seconds"].values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,6 +239,7 @@ def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(run_
     )
     line = assert_error_line(run_cli("train.py", *args), 3, "training diverged at step 95")
     assert "gradient norm nan" in line and "on_nonfinite=skip" in line
+    assert "best.ckpt and last.ckpt keep the last good state" in line
     assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 90
     assert all_finite(out / "checkpoints/last.ckpt") and all_finite(out / "checkpoints/best.ckpt")
 
@@ -251,6 +253,34 @@ def test_on_nonfinite_skip_drops_the_bad_step_and_counts_it(run_dir, tmp_path):
     (guard,) = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
     assert guard.skipped == 1 and math.isfinite(trainer.callback_metrics["val/loss"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("lr", ["1e6", "100"])
+def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_path, lr):
+    """SGD at a huge rate without clipping: the loss stays finite but climbs far past its start, ln V = 2.64 or the
+    first loss (at
+    lr 1e6 to about a million nats). The run stops with one line, and says that no checkpoint was written yet."""
+    _, corpus = run_dir
+    out = tmp_path / "blow"
+    args = [
+        "model.optimizer=sgd",
+        f"model.lr={lr}",
+        "trainer.gradient_clip_val=0",
+        "logger=none",
+        f"hydra.run.dir={out}",
+    ]
+    line = assert_error_line(run_cli("train.py", *tiny_overrides(corpus, out, *args)), 3, "training diverged at step")
+    assert re.search(r"nats is over loss_limit=3 x the starting loss 2\.\d\d; no checkpoint was written yet", line), (
+        line
+    )
+    assert "keep the last" not in line and not list(out.glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "abc", "true"])
+def test_a_bad_loss_limit_is_one_line(run_dir, tmp_path, value):
+    _, corpus = run_dir
+    proc = run_cli("train.py", *tiny_overrides(corpus, tmp_path / "r", f"loss_limit={value}"))
+    assert_user_error(proc, "must be a number > 1 (or null: off); e.g. loss_limit=3.")
 
 
 def tiny_vocab() -> dict:

@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 # Lowest first: a module may import only modules before it (README, "Architecture").
 LAYERS = [
     "charlm",
+    "charlm.hardware",
     "charlm.vocab",
     "charlm.corpus",
     "charlm.cache",
@@ -32,6 +33,7 @@ LAYERS = [
     "charlm.slurm",
     "charlm.board",
     "charlm.config",
+    "charlm.info",
     "charlm.cli",
     "charlm.export",
 ]
