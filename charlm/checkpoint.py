@@ -121,6 +121,24 @@ def set_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def reopen_cut_epoch(trainer, checkpoint: dict) -> None:
+    """Make a checkpoint written by the end hooks of an epoch that a stop cut short (``max_steps``, ``max_time``)
+    resume inside that epoch.
+
+    Lightning counts such an epoch as processed before its end hooks run, and those hooks write ``last.ckpt`` (and
+    ``best.ckpt``). Resumed with larger limits, that state starts the next epoch: the rest of the cut one, its
+    validation and its ``best.ckpt`` are lost, and the DataModule's ``train_position`` skips the same batches of
+    the new epoch. With the epoch counted as not yet processed, the loops restart mid-epoch, as from a checkpoint
+    written after any batch."""
+    epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress
+    in_end_hooks = epochs.processed == epochs.started and epochs.completed < epochs.processed
+    cut = not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
+    if in_end_hooks and cut:
+        saved = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        for counts in (saved["current"], saved["total"]):
+            counts["processed"] -= 1
+
+
 def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order (Lightning's ``all_gather`` takes tensors only)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
