@@ -67,6 +67,7 @@ def write_atomic(path: Path, write) -> None:
 
     Temporary files of earlier writes to ``path`` that a SIGKILL left behind are removed first (one process
     writes a given checkpoint: rank 0)."""
+    existed = path.exists()
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -79,19 +80,33 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        full |= isinstance(e, RuntimeError) and "No space left" in str(e)  # torch.save's C++ writer says it so
-        if full:
-            raise UserError(
-                f"no space left to write {str(path)!r}; the previous file is intact: free disk space and resume"
-                " from it."
-            ) from None
+        if disk_full(e):
+            then = "the previous file is intact: free disk space and resume from it" if existed else "free disk space"
+            raise UserError(f"no space left to write {str(path)!r}; {then}.") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or while handling (``__cause__``, ``__context__``), says
+    the disk or the quota is full. torch.save's C++ writer reports a full disk as a RuntimeError (``unexpected pos
+    ...``, or ``No space left``) with the OSError chained under it."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "No space left" in str(e):
+            return True
+        pending += [e.__cause__, e.__context__]
+    return False
 
 
 def _umask() -> int:

@@ -149,6 +149,26 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(run_d
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
+    """A 256 KB tmpfs that cannot hold the first checkpoint: torch.save's writer raised a RuntimeError ("unexpected
+    pos") with the ENOSPC chained under it, which was a traceback."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "256k")
+    try:
+        out = disk / "run"
+        short = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+        args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
+        args += ["model.tie_weights=false", "model.hidden_size=64"]  # about 800 KB with the optimiser state
+        proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
+        line = assert_error_line(proc, 2, "no space left to write")
+        assert line.endswith("; free disk space.")  # there was no previous file to keep
+        assert list((out / "checkpoints").iterdir()) == []  # no partial file under any name
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
 def test_sigkill_during_saves_across_filesystems_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
     """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's save moved its temporary file across them,
