@@ -36,7 +36,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
-from charlm.checkpoint import AtomicCheckpointIO, check_run_dir
+from charlm.checkpoint import AtomicCheckpointIO, check_run_dir, other_runs_checkpoints, write_atomic
 from charlm.data import CharDataModule
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
@@ -200,6 +200,32 @@ def check_trainer(cfg: DictConfig) -> None:
     check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
 
 
+def write_run_record(cfg: DictConfig) -> None:
+    """Write Hydra's record of the run, ``.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``), into the
+    run directory, as Hydra does when ``hydra.output_subdir`` is set; nothing outside a Hydra app.
+
+    train.yaml sets ``hydra.output_subdir: null``, and this writes nothing into a directory that holds another run's
+    checkpoints (``other_runs_checkpoints``; ``check_run_dir`` then refuses the run), because Hydra writes the
+    record before the task function runs: a run refused for pointing at another run's directory rewrote that
+    run's record with its own config. Checking earlier in a Hydra callback would cover single runs only
+    (``on_run_start``): a sweep's jobs get no hook before the write (``on_job_start`` comes after it), and
+    snapshotting and restoring the old files would not survive a launcher's worker process. Only rank 0 calls
+    this (DDP ranks > 0 re-run the script into its directory)."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.instance().cfg
+    if hydra.hydra.output_subdir is not None:  # set on the command line: Hydra has written it itself
+        return
+    out = Path(hydra.hydra.runtime.output_dir)
+    if other_runs_checkpoints(out, cfg.ckpt_path, cfg.overwrite_run_dir):
+        return
+    record = out / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
+        text = OmegaConf.to_yaml(node).encode()
+        write_atomic(record / name, lambda f, text=text: f.write(text))
+
+
 def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
     anything is written."""
@@ -214,12 +240,15 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"SLURM job {slurm_job()} was requeued: resuming from {requeued}", file=sys.stderr)
         cfg.ckpt_path = requeued
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
+    if rank_zero:
+        write_run_record(cfg)  # also for a run that a bad setting stops below, as Hydra did: what was run
     dm = instantiate(cfg.data)
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, dm, cfg.model)
     model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this script into rank 0's directory
+    if rank_zero:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir, sweep=multirun)
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]

@@ -239,6 +239,24 @@ def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_t
     assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
 
 
+def test_a_refused_run_leaves_the_other_runs_hydra_record_as_it_was(tmp_path):
+    """Hydra wrote .hydra/ before the task ran, so a run refused for another run's directory rewrote that run's
+    config.yaml and overrides.yaml with its own settings (hidden_size=999)."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "test=false"]
+    args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
+    proc = run_cli("train.py", *args, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = {p.name: sha(p) for p in (out / ".hydra").iterdir()}
+    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"]  # an accepted run writes its record
+    assert "model.hidden_size=32" in (out / ".hydra/overrides.yaml").read_text()
+    refused = run_cli("train.py", *args, "model.hidden_size=999", f"hydra.run.dir={out}")
+    assert_user_error(refused, "already holds checkpoints")
+    assert {p.name: sha(p) for p in (out / ".hydra").iterdir()} == record
+
+
 # ---- 8. divergence ----
 
 
