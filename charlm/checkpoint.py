@@ -176,6 +176,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except OSError as e:
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
     if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; text or garbage is not one
+        if data.startswith(b"PK\x03\x04"):  # a zip archive's start without its end (the central directory)
+            raise UserError(
+                f"checkpoint {str(path)!r} is truncated ({len(data):,} bytes: a save or copy that did not finish) or"
+                " corrupt; pass a complete .ckpt, e.g. the run's other checkpoint (last.ckpt or best.ckpt)."
+            )
         raise UserError(
             f"{str(path)!r} is not a checkpoint (not a torch.save archive); pass a .ckpt written by train.py."
         )

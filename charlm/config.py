@@ -171,7 +171,8 @@ MAX_TIME = re.compile(r"\d+:\d\d:\d\d:\d\d")
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """Type-check the Trainer settings that Lightning only checks once training runs (after files are written)."""
+    """Type-check the Trainer settings (and the seed) that Lightning only checks once training runs, after files
+    are written, or refuses without naming the fix."""
     t = cfg.trainer
 
     def whole(name: str, minimum: int) -> None:
@@ -197,7 +198,32 @@ def check_trainer(cfg: DictConfig) -> None:
     max_time = t.get("max_time")
     if isinstance(max_time, str) and not MAX_TIME.fullmatch(max_time.strip()):
         raise UserError(f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; e.g. trainer.max_time=00:00:05:00.")
+    check_devices(t)
     check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1; e.g. seed=0.")
+
+
+def check_devices(t: DictConfig) -> None:
+    """Refuse a device setting Lightning would refuse without naming the fix: no devices, or GPUs on a machine
+    without CUDA."""
+    devices = t.get("devices")
+    if devices in (0, "0") or (isinstance(devices, int) and not isinstance(devices, bool) and devices < -1):
+        raise UserError(
+            f"trainer.devices={devices} is not a number of devices; pass trainer.devices=1 (or N, or -1 for all)."
+        )
+    accelerator = str(t.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        if t.get("strategy") == "ddp":
+            raise UserError(
+                "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu trainer.devices=N for"
+                " processes on the CPU, or trainer=cpu."
+            )
+        raise UserError(
+            f"trainer.accelerator={accelerator} needs a CUDA GPU but none is visible; use trainer=cpu or"
+            " trainer.accelerator=auto."
+        )
 
 
 def write_run_record(cfg: DictConfig) -> None:
@@ -233,8 +259,6 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
     # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    check_trainer(cfg)
     requeued = requeued_resume_path(cfg.paths.output_dir)
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
         if os.environ.get("SLURM_PROCID", "0") == "0":
@@ -243,6 +267,8 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
     if rank_zero:
         write_run_record(cfg)  # also for a run that a bad setting stops below, as Hydra did: what was run
+    check_trainer(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = instantiate(cfg.data)
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
     if cfg.ckpt_path:

@@ -409,3 +409,55 @@ def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rat
     assert saved["lr_schedulers"][0]["base_lrs"] == [0.01] and after["lr_schedulers"][0]["base_lrs"] == [0.005]
     assert after["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.005
     assert after["optimizer_states"][0]["param_groups"][0]["lr"] <= 0.005
+
+
+# ---- issue #22: one line naming the fix, where there was a traceback or wrong advice ----
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["seed=abc"], "seed='abc' must be a whole number"),  # was a ValueError traceback
+        (["seed=1.5"], "seed=1.5 must be a whole number"),  # crashed after training started, leaving tb/
+        (["trainer=ddp"], "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu"),
+        (["trainer.devices=0"], "trainer.devices=0 is not a number of devices; pass trainer.devices=1"),
+        (["model.hiden_size=64"], "model.hiden_size is not a setting; did you mean model.hidden_size?"),  # not "+"
+        (["data.path=/dev/zero"], "'/dev/zero' is not a regular file or a directory"),  # not "does not exist"
+    ],
+)
+def test_train_cli_refuses_in_one_line_what_was_a_traceback_or_wrong_advice(tmp_path, args, match):
+    if args == ["trainer=ddp"] and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    base = [*tiny_overrides(corpus, out, "trainer.max_epochs=1", "trainer.precision=32-true"), f"hydra.run.dir={out}"]
+    assert_user_error(run_cli("train.py", *base, *args), match)
+    assert not (out / "checkpoints").exists() and not (out / "tb").exists()
+
+
+def test_a_sweep_with_a_bad_job_ends_with_one_line_per_failed_job(tmp_path):
+    """Hydra's basic sweeper re-raised the failed job's error when the sweep ended: a 22-line traceback."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "test=false"]
+    args = tiny_overrides(corpus, tmp_path / "unused", *short, "trainer.precision=32-true", "logger=none")
+    args = [a for a in args if not a.startswith("paths.output_dir")]  # each job its own directory
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train.py", "-m", *args, "callbacks=no_logger", f"hydra.sweep.dir={sweep}", "model.dropout=0.1,1.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: sweep job 1 failed: model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2.", last
+    (good,) = sweep.glob("0_*")
+    assert (good / "checkpoints/last.ckpt").is_file()  # the good job trained
+
+
+def test_a_truncated_checkpoint_is_called_truncated(tmp_path):
+    """It was "not a checkpoint (not a torch.save archive)", which sends one looking for the wrong problem."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}, "hyper_parameters": {}}, whole)
+    data = whole.read_bytes()
+    for keep in (len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.ckpt").write_bytes(data[:keep])
+        with pytest.raises(UserError, match=r"cut.ckpt' is truncated \("):
+            load_checkpoint(tmp_path / "cut.ckpt")
