@@ -211,7 +211,7 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, sampling: Sampli
     return texts
 
 
-_failed_jobs: list[str] = []  # one line for each job of a sweep that failed in this process
+_failed_jobs: list[str] = []  # one line for each job of a sweep that failed in this process (Hydra's basic launcher)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -221,7 +221,9 @@ def _train_app(cfg: DictConfig) -> float | None:
         with reported_user_errors(exit=not multirun):
             metrics = train(cfg)
     except UserError as e:  # a job of a sweep: Hydra records it (and Optuna the trial) as failed
-        _failed_jobs.append(f"sweep job {HydraConfig.get().job.num} failed: {e}")
+        # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included
+        e.sweep_line = f"sweep job {HydraConfig.get().job.num} failed: {e}"
+        _failed_jobs.append(e.sweep_line)
         raise
     return metrics.get(cfg.optimized_metric)
 
@@ -276,7 +278,7 @@ def hydra_errors_reported(config_name: str):
         cause = user_error_in(e)
         if cause is None:
             raise
-        for line in _failed_jobs or [str(cause)]:
+        for line in _failed_jobs or [getattr(cause, "sweep_line", str(cause))]:  # jobs elsewhere: the first
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(cause.exit_code) from None
     finally:
