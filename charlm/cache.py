@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -71,8 +72,9 @@ def _sampled_sha1(ids: np.ndarray) -> str:
 
     Not of every byte: on a 211 MB corpus a full SHA-1 of tokens.npy adds 90% to a cached load (which already
     hashes the corpus for its key: 172 ms), while these 4 MiB add 2%. So a load catches a file rewritten, zeroed
-    or swapped, but not a few bytes changed between the samples, an out-of-range id among them included (a max
-    over every id would add 17%). The manifest's ``tokens_sha1`` covers every byte, for ``sha1sum tokens.npy``.
+    or swapped, but not a few bytes changed between the samples; an out-of-range id among them is caught by the
+    id range that every load reads (``_scan``): such an id would stop training with an IndexError. The
+    manifest's ``tokens_sha1`` covers every byte, for ``sha1sum tokens.npy``.
     """
     raw = ids.view(np.uint8)
     if len(raw) <= _SAMPLES * _SAMPLE:
@@ -85,13 +87,15 @@ def _sampled_sha1(ids: np.ndarray) -> str:
 
 def _manifest(tokens_npy: Path, vocab_json: Path) -> dict:
     ids, vocab_raw = np.load(tokens_npy, mmap_mode="r"), vocab_json.read_bytes()
-    sha1, low, high = _scan(tokens_npy, ids.dtype, ids.offset)
+    sha1 = hashlib.sha1()
+    with tokens_npy.open("rb") as f:
+        low, high = _scan(f, ids.dtype, ids.offset, sha1)
     return {
         "format": _CACHE_FORMAT,
         "tokens": len(ids),
         "dtype": ids.dtype.name,
         "tokens_bytes": tokens_npy.stat().st_size,
-        "tokens_sha1": sha1,
+        "tokens_sha1": sha1.hexdigest(),
         "tokens_sample_sha1": _sampled_sha1(ids),
         "vocab_bytes": len(vocab_raw),
         "vocab_sha1": hashlib.sha1(vocab_raw).hexdigest(),
@@ -101,18 +105,22 @@ def _manifest(tokens_npy: Path, vocab_json: Path) -> dict:
     }
 
 
-def _scan(tokens_npy: Path, dtype: np.dtype, offset: int) -> tuple[str, int, int]:
-    """SHA-1 of the whole .npy file, and the smallest and largest id, reading it block by block with read():
-    hashing a memory map of it would make every page of a gigabyte corpus resident in this process."""
-    sha1, low, high = hashlib.sha1(), None, None
-    with tokens_npy.open("rb") as f:
-        sha1.update(f.read(offset))  # the .npy header
-        for block in iter(lambda: f.read(_SCAN), b""):
+def _scan(f: BinaryIO, dtype: np.dtype, offset: int, sha1=None) -> tuple[int | None, int | None]:
+    """The smallest and largest id of the open .npy file ``f`` (None, None without ids), and with ``sha1`` every
+    byte of it hashed into ``sha1``, read block by block with read(): a memory map of it would make every page of
+    a gigabyte corpus resident in this process."""
+    low = high = None
+    f.seek(0)
+    header = f.read(offset)
+    if sha1 is not None:
+        sha1.update(header)
+    for block in iter(lambda: f.read(_SCAN), b""):
+        if sha1 is not None:
             sha1.update(block)
-            ids = np.frombuffer(block, dtype)  # _SCAN is a multiple of every id size
-            low = int(ids.min()) if low is None else min(low, int(ids.min()))
-            high = int(ids.max()) if high is None else max(high, int(ids.max()))
-    return sha1.hexdigest(), low, high
+        ids = np.frombuffer(block, dtype)  # _SCAN is a multiple of every id size
+        low = int(ids.min()) if low is None else min(low, int(ids.min()))
+        high = int(ids.max()) if high is None else max(high, int(ids.max()))
+    return low, high
 
 
 def _read_cache(cache: Path) -> tuple[np.ndarray, Vocab, dict] | None:
@@ -144,7 +152,14 @@ def _read_cache(cache: Path) -> tuple[np.ndarray, Vocab, dict] | None:
             n, dtype = manifest["tokens"], np.dtype(manifest["dtype"])
             _require(header == ((n,), False, dtype), f"tokens.npy's header does not describe {n} {dtype} ids")
             tokens = np.memmap(f, dtype, mode="r", offset=f.tell(), shape=(n,))  # maps the file checked above
-        _require(_sampled_sha1(tokens) == manifest["tokens_sample_sha1"], "tokens.npy does not match its sampled SHA-1")
+            _require(
+                _sampled_sha1(tokens) == manifest["tokens_sample_sha1"], "tokens.npy does not match its sampled SHA-1"
+            )
+            low, high = _scan(f, dtype, tokens.offset)  # every id, the ones between the samples too
+            _require(
+                (low, high) == (manifest["min_id"], manifest["max_id"]),
+                f"tokens.npy holds ids {low}..{high}, not {manifest['min_id']}..{manifest['max_id']}",
+            )
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # a missing file, bad JSON, a wrong shape
         raise _BadCache(f"{type(e).__name__}: {e}") from None
     counts = manifest.get("file_tokens", [len(tokens)])

@@ -67,6 +67,7 @@ def write_atomic(path: Path, write) -> None:
 
     Temporary files of earlier writes to ``path`` that a SIGKILL left behind are removed first (one process
     writes a given checkpoint: rank 0)."""
+    existed = path.exists()
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -79,19 +80,33 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        full |= isinstance(e, RuntimeError) and "No space left" in str(e)  # torch.save's C++ writer says it so
-        if full:
-            raise UserError(
-                f"no space left to write {str(path)!r}; the previous file is intact: free disk space and resume"
-                " from it."
-            ) from None
+        if disk_full(e):
+            then = "the previous file is intact: free disk space and resume from it" if existed else "free disk space"
+            raise UserError(f"no space left to write {str(path)!r}; {then}.") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or while handling (``__cause__``, ``__context__``), says
+    the disk or the quota is full. torch.save's C++ writer reports a full disk as a RuntimeError (``unexpected pos
+    ...``, or ``No space left``) with the OSError chained under it."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "No space left" in str(e):
+            return True
+        pending += [e.__cause__, e.__context__]
+    return False
 
 
 def _umask() -> int:
@@ -121,6 +136,24 @@ def set_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def reopen_cut_epoch(trainer, checkpoint: dict) -> None:
+    """Make a checkpoint written by the end hooks of an epoch that a stop cut short (``max_steps``, ``max_time``)
+    resume inside that epoch.
+
+    Lightning counts such an epoch as processed before its end hooks run, and those hooks write ``last.ckpt`` (and
+    ``best.ckpt``). Resumed with larger limits, that state starts the next epoch: the rest of the cut one, its
+    validation and its ``best.ckpt`` are lost, and the DataModule's ``train_position`` skips the same batches of
+    the new epoch. With the epoch counted as not yet processed, the loops restart mid-epoch, as from a checkpoint
+    written after any batch."""
+    epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress
+    in_end_hooks = epochs.processed == epochs.started and epochs.completed < epochs.processed
+    cut = not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
+    if in_end_hooks and cut:
+        saved = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        for counts in (saved["current"], saved["total"]):
+            counts["processed"] -= 1
+
+
 def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order (Lightning's ``all_gather`` takes tensors only)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -143,6 +176,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except OSError as e:
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
     if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; text or garbage is not one
+        if data.startswith(b"PK\x03\x04"):  # a zip archive's start without its end (the central directory)
+            raise UserError(
+                f"checkpoint {str(path)!r} is truncated ({len(data):,} bytes: a save or copy that did not finish) or"
+                " corrupt; pass a complete .ckpt, e.g. the run's other checkpoint (last.ckpt or best.ckpt)."
+            )
         raise UserError(
             f"{str(path)!r} is not a checkpoint (not a torch.save archive); pass a .ckpt written by train.py."
         )
@@ -162,18 +200,28 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return migrate(checkpoint, path), data
 
 
+def other_runs_checkpoints(output_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> list[str]:
+    """The names of the checkpoints in ``output_dir``/checkpoints that a run there would replace, although it does
+    not resume from one of them and was not told to (``overwrite``); none: the directory is this run's."""
+    ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not existing or overwrite:
+        return []
+    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent == ckpt_dir.resolve():
+        return []
+    return existing
+
+
 def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool, sweep: bool = False) -> None:
     """Refuse to train into a directory that holds another run's checkpoints.
 
     Resuming from a checkpoint inside that directory is allowed (the run continues there), and so is
     ``overwrite_run_dir=true``. ``sweep``: the directory is a job's of a sweep (``-m``, Optuna), whose job
     numbers restart at 0 in every run: a sweep run again into the same ``hydra.sweep.dir`` meets its own jobs."""
+    existing = other_runs_checkpoints(output_dir, ckpt_path, overwrite)
+    if not existing:
+        return
     ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
-    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    if not existing or overwrite:
-        return
-    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent == ckpt_dir.resolve():
-        return
     if sweep:
         raise UserError(
             f"the sweep job directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); run the"

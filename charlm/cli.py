@@ -7,23 +7,29 @@ and a non-zero exit.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from charlm import UserError, reported_user_errors
+from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.config import CONF_DIR, build, corpus_name
+from charlm.config import CONF_DIR, build, compose, corpus_name
 from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
 
@@ -209,19 +215,95 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, sampling: Sampli
     return texts
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    """``charlm-train [overrides]``: train, test, print a sample; return the metric a sweeper minimises.
+_failed_jobs: list[str] = []  # one line for each job of a sweep that failed in this process (Hydra's basic launcher)
 
-    In a sweep (``-m``), a job with a bad config or a diverged run fails alone: the sweep goes on."""
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _train_app(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    with reported_user_errors(exit=not multirun):
-        metrics = train(cfg)
+    try:
+        with reported_user_errors(exit=not multirun):
+            metrics = train(cfg)
+    except UserError as e:  # a job of a sweep: Hydra records it (and Optuna the trial) as failed
+        # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included
+        e.sweep_line = f"sweep job {HydraConfig.get().job.num} failed: {e}"
+        _failed_jobs.append(e.sweep_line)
+        raise
     return metrics.get(cfg.optimized_metric)
 
 
+def train_main() -> None:
+    """``charlm-train [overrides]``: train, test, print a sample; return the metric a sweeper minimises.
+
+    In a sweep (``-m``), a job with a bad config or a diverged run fails alone: the sweep goes on, and ends with
+    one line per failed job and a non-zero exit when its sweeper gives up on failed jobs (Hydra's basic sweeper
+    does, Optuna's below ``max_failure_rate`` does not)."""
+    with hydra_errors_reported("train"):
+        _train_app()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
-def generate_main(cfg: DictConfig) -> None:
-    """``charlm-generate ckpt=PATH [overrides]``: sample text from a checkpoint."""
+def _generate_app(cfg: DictConfig) -> None:
     with reported_user_errors():
         sample(cfg)
+
+
+def generate_main() -> None:
+    """``charlm-generate ckpt=PATH [overrides]``: sample text from a checkpoint."""
+    with hydra_errors_reported("generate"):
+        _generate_app()
+
+
+@contextmanager
+def hydra_errors_reported(config_name: str):
+    """Report what Hydra itself would print as a traceback or as advice to follow as one line naming the fix:
+    a mistyped setting (Hydra advises ``+key=value``, which adds a key nothing reads: here the closest known key is
+    named instead), and the failed jobs of a sweep, whose first error Hydra's basic sweeper re-raises at its end.
+
+    Hydra prints an error inside its ``hydra.main`` and exits; with ``HYDRA_FULL_ERROR=1`` it re-raises it instead,
+    so it is set here (not when the user set it: then Hydra reports as it does)."""
+    if os.environ.get("HYDRA_FULL_ERROR") is not None:
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except ConfigCompositionException as e:
+        key = unknown_key(e)
+        if key is None:  # what Hydra prints for a CompactHydraException
+            cause = f"\n{e.__cause__}" if isinstance(e.__cause__, OmegaConfBaseException) else ""
+            print(f"{e}{cause}", file=sys.stderr)
+            raise SystemExit(1) from None
+        close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
+        fix = f"did you mean {close[0]}" if close else "check its spelling"
+        print(f"error: {key} is not a setting; {fix}? (all of them: --cfg job)", file=sys.stderr)
+        raise SystemExit(UserError.exit_code) from None
+    except Exception as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        for line in _failed_jobs or [getattr(cause, "sweep_line", str(cause))]:  # jobs elsewhere: the first
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(cause.exit_code) from None
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def unknown_key(error: ConfigCompositionException) -> str | None:
+    """The dotted key of an override that names no setting (``model.hiden_size=64``), or None for other errors."""
+    cause = error.__cause__
+    if isinstance(cause, ConfigKeyError) and cause.full_key:
+        return str(cause.full_key)
+    found = re.match(r"Could not override '([^']+)'", str(error))
+    return found.group(1) if found and isinstance(cause, ConfigAttributeError | ConfigKeyError) else None
+
+
+def known_keys(config_name: str) -> list[str]:
+    """Every dotted key of the shipped ``config_name`` config with its defaults, groups' nodes included."""
+
+    def walk(node: object, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return []
+        return [k for key, value in node.items() for k in (f"{prefix}{key}", *walk(value, f"{prefix}{key}."))]
+
+    return walk(OmegaConf.to_container(compose(config_name=config_name)), "")

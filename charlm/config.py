@@ -35,7 +35,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
-from charlm.checkpoint import AtomicCheckpointIO, check_run_dir
+from charlm.checkpoint import AtomicCheckpointIO, check_run_dir, other_runs_checkpoints, write_atomic
 from charlm.data import CharDataModule
 from charlm.hardware import default_precision, recipe_for
 from charlm.model import RNNConfig
@@ -165,7 +165,8 @@ MAX_TIME = re.compile(r"\d+:\d\d:\d\d:\d\d")
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """Type-check the Trainer settings that Lightning only checks once training runs (after files are written)."""
+    """Type-check the Trainer settings (and the seed) that Lightning only checks once training runs, after files
+    are written, or refuses without naming the fix."""
     t = cfg.trainer
 
     def whole(name: str, minimum: int) -> None:
@@ -191,7 +192,58 @@ def check_trainer(cfg: DictConfig) -> None:
     max_time = t.get("max_time")
     if isinstance(max_time, str) and not MAX_TIME.fullmatch(max_time.strip()):
         raise UserError(f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; e.g. trainer.max_time=00:00:05:00.")
+    check_devices(t)
     check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1; e.g. seed=0.")
+
+
+def check_devices(t: DictConfig) -> None:
+    """Refuse a device setting Lightning would refuse without naming the fix: no devices, or GPUs on a machine
+    without CUDA."""
+    devices = t.get("devices")
+    if devices in (0, "0") or (isinstance(devices, int) and not isinstance(devices, bool) and devices < -1):
+        raise UserError(
+            f"trainer.devices={devices} is not a number of devices; pass trainer.devices=1 (or N, or -1 for all)."
+        )
+    accelerator = str(t.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        if t.get("strategy") == "ddp":
+            raise UserError(
+                "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu trainer.devices=N for"
+                " processes on the CPU, or trainer=cpu."
+            )
+        raise UserError(
+            f"trainer.accelerator={accelerator} needs a CUDA GPU but none is visible; use trainer=cpu or"
+            " trainer.accelerator=auto."
+        )
+
+
+def write_run_record(cfg: DictConfig) -> None:
+    """Write Hydra's record of the run, ``.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``), into the
+    run directory, as Hydra does when ``hydra.output_subdir`` is set; nothing outside a Hydra app.
+
+    train.yaml sets ``hydra.output_subdir: null``, and this writes nothing into a directory that holds another run's
+    checkpoints (``other_runs_checkpoints``; ``check_run_dir`` then refuses the run), because Hydra writes the
+    record before the task function runs: a run refused for pointing at another run's directory rewrote that
+    run's record with its own config. Checking earlier in a Hydra callback would cover single runs only
+    (``on_run_start``): a sweep's jobs get no hook before the write (``on_job_start`` comes after it), and
+    snapshotting and restoring the old files would not survive a launcher's worker process. Only rank 0 calls
+    this (DDP ranks > 0 re-run the script into its directory)."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.instance().cfg
+    if hydra.hydra.output_subdir is not None:  # set on the command line: Hydra has written it itself
+        return
+    out = Path(hydra.hydra.runtime.output_dir)
+    if other_runs_checkpoints(out, cfg.ckpt_path, cfg.overwrite_run_dir):
+        return
+    record = out / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
+        text = OmegaConf.to_yaml(node).encode()
+        write_atomic(record / name, lambda f, text=text: f.write(text))
 
 
 def check_recipe(cfg: DictConfig) -> None:
@@ -214,20 +266,23 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
     # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    check_trainer(cfg)
-    check_recipe(cfg)
     requeued = requeued_resume_path(cfg.paths.output_dir)
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"SLURM job {slurm_job()} was requeued: resuming from {requeued}", file=sys.stderr)
         cfg.ckpt_path = requeued
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
+    if rank_zero:
+        write_run_record(cfg)  # also for a run that a bad setting stops below, as Hydra did: what was run
+    check_trainer(cfg)
+    check_recipe(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = instantiate(cfg.data)
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, dm, cfg.model)
     model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this script into rank 0's directory
+    if rank_zero:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir, sweep=multirun)
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg]

@@ -147,6 +147,8 @@ def _not_utf8(path: str | Path, offset: int) -> UserError:
 def existing_file(path: str | Path) -> Path:
     if (path := Path(path).expanduser()).is_dir():
         raise corpus_error(path, "is a directory; pass the path of a UTF-8 text file")
+    if path.exists() and not path.is_file():  # a device (/dev/zero: endless), a FIFO, a socket
+        raise corpus_error(path, "is not a regular file or a directory; pass a UTF-8 text file or a folder of them")
     if not path.is_file():
         raise corpus_error(path, "does not exist; pass an existing UTF-8 text file as data.path")
     return path

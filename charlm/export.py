@@ -30,7 +30,7 @@ from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import Stepper, start_ids
 
 FORMATS = ("onnx",)
-VOCAB_FORMAT = 1  # the layout of <stem>.vocab.json
+VOCAB_FORMAT = 2  # the layout of <stem>.vocab.json; 2: "chars" for byte models too (format 1: null)
 INSTALL = 'pip install "charlm-lightning[export]" (in a checkout: pip install -e ".[export]")'
 
 
@@ -49,14 +49,15 @@ def vocab_metadata(model: CharLM) -> dict:
     """What a consumer of the step model needs besides the graph.
 
     ``unit``: ``char``, or ``byte`` (id = byte value; text is UTF-8); ``chars``: the character of each id, in id
-    order (null for bytes); ``state_shape``: the zero state of one stream, [S, L, 1, H]
+    order; for bytes ``chr(id)``, so the same lookups serve the UTF-8 bytes of a text read as Latin-1 (the README's
+    loop); ``state_shape``: the zero state of one stream, [S, L, 1, H]
     (N streams: N in place of the 1); ``start``: the character ``charlm-generate`` feeds, unechoed, when the
     prompt is empty; ``unk`` (or null): where ``unknown=unk`` maps characters outside ``chars``."""
     net, vocab = model.net, model.vocab
     return {
         "format": VOCAB_FORMAT,
-        "unit": vocab.unit,  # byte: id = the byte's value, and "chars" is null
-        "chars": "".join(vocab.chars) if vocab.unit == "char" else None,
+        "unit": vocab.unit,  # byte: id = the byte's value = the code point of its entry in "chars"
+        "chars": "".join(vocab.chars) if vocab.unit == "char" else "".join(map(chr, range(len(vocab)))),
         "unk": vocab.unk,
         "start": vocab.decode(start_ids(vocab, "")),
         "cell": net.cell,

@@ -16,7 +16,15 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from charlm import UserError, __version__
-from charlm.checkpoint import FORMAT, gather_objects, migrate, read_checkpoint, rng_states, set_rng_states
+from charlm.checkpoint import (
+    FORMAT,
+    gather_objects,
+    migrate,
+    read_checkpoint,
+    reopen_cut_epoch,
+    rng_states,
+    set_rng_states,
+)
 from charlm.model import RNNConfig, RNNStack, State
 from charlm.optim import DECAYS, OptimConfig, WarmupDecayLR, fused_kernel_allowed
 from charlm.vocab import vocab_from_dict
@@ -160,7 +168,8 @@ class CharLM(pl.LightningModule):
     # ---- exact resume: what the next step depends on beyond Lightning's own checkpoint state ----
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record, for every rank, the carried TBPTT state, the RNG states and the partial epoch's train-loss sums.
+        """Record, for every rank, the carried TBPTT state, the RNG states and the partial epoch's train-loss sums;
+        an epoch cut short by a stop is recorded as unfinished (``reopen_cut_epoch``).
 
         Lightning writes rank 0's checkpoint only, so the ranks' parts are gathered here (every rank runs this
         hook: saving is collective)."""
@@ -171,6 +180,8 @@ class CharLM(pl.LightningModule):
             "train_nll": {name: getattr(metric, name).detach().cpu() for name in metric._defaults},
         }
         checkpoint["charlm"] = {"format": FORMAT, "version": __version__, "ranks": gather_objects(mine)}
+        if self._trainer is not None and "loops" in checkpoint:
+            reopen_cut_epoch(self.trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         ranks = migrate(checkpoint, "the checkpoint")["charlm"]["ranks"]

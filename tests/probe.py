@@ -98,3 +98,15 @@ class NanLossAt(pl.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+class RecordValidations(pl.Callback):
+    """Append the global step of every validation (not the sanity check) to ``out``/validations.txt."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            with open(f"{self.out}/validations.txt", "a") as f:
+                f.write(f"{trainer.global_step}\n")

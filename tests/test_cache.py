@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from charlm import UserError
-from charlm.cache import load_tokens
+from charlm.cache import _SAMPLE, _SAMPLES, load_tokens
 from charlm.corpus import read_corpus
 from tests.conftest import make_text
 
@@ -58,6 +58,25 @@ def test_out_of_range_ids_are_rebuilt(cached):
     corpus, cache = cached
     rewrite_ids(cache, lambda ids: ids.__setitem__(len(ids) // 2, 250))  # the vocab has about 20 characters
     assert reload(corpus) == TEXT
+
+
+def test_an_out_of_range_id_between_the_sampled_blocks_is_rebuilt(tmp_path, capfd):
+    """A corpus larger than the sampled SHA-1's 16 blocks of 256 KiB, damaged between two of them: the cache
+    passed its check and training stopped with an IndexError."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * (6_000_000 // len(TEXT)), encoding="utf-8")  # 6 MB: 2 MB between the samples
+    load_tokens(corpus, cache_dir=tmp_path / "cache")
+    (cache,) = (d for d in (tmp_path / "cache").iterdir() if d.is_dir())
+    tokens = np.load(cache / "tokens.npy", mmap_mode="r")
+    starts = np.linspace(0, tokens.nbytes - _SAMPLE, _SAMPLES, dtype=np.int64) // tokens.itemsize
+    where = int(starts[7]) + _SAMPLE // tokens.itemsize + 100  # after the 8th sampled block, before the 9th
+    assert where < starts[8]
+    rewrite_ids(cache, lambda ids: ids.__setitem__(where, 250))  # the vocab has about 20 characters
+    capfd.readouterr()
+    tokens, vocab = load_tokens(corpus, cache_dir=tmp_path / "cache")
+    assert tokens[where] < len(vocab) and tokens.max() < len(vocab)
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "failed its check (tokens.npy holds ids 0..250" in err and "rebuilding it" in err
 
 
 @pytest.mark.parametrize("keep", [0, 100, -1])

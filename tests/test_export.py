@@ -58,17 +58,20 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     return ckpts
 
 
-def greedy(onnx_path: Path, vocab_path: Path, text: str, length: int) -> str:
-    """The README's loop: the prompt one character at a time from the zero state, then ``length`` argmax steps."""
+def greedy(onnx_path: Path, vocab_path: Path, prompt: str, length: int) -> str:
+    """The README's loop: the prompt one character (byte) at a time from the zero state, then ``length`` argmax
+    steps."""
     sess = ort.InferenceSession(onnx_path)
     vocab = json.loads(Path(vocab_path).read_text("utf-8"))
     chars, state = vocab["chars"], np.zeros(vocab["state_shape"], np.float32)  # [S, L, 1, H]
+    byte = vocab["unit"] == "byte"  # data.unit=byte: chars[i] is chr(i), and the text is stepped through as UTF-8 bytes
+    text = prompt.encode().decode("latin-1") if byte else prompt
     for c in text[:-1]:  # the prompt but its last character, one at a time from the zero state
         _, state = sess.run(None, {"ids": np.array([chars.index(c)], np.int64), "state": state})
     for _ in range(length):  # greedy; for variety, draw from softmax(logits / temperature) instead
         logits, state = sess.run(None, {"ids": np.array([chars.index(text[-1])], np.int64), "state": state})
         text += chars[logits[0].argmax()]
-    return text
+    return text.encode("latin-1").decode("utf-8", "replace") if byte else text
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -78,6 +81,23 @@ def test_onnx_greedy_text_equals_generate(exported, cell):
     text = greedy(ckpt.with_suffix(".onnx"), ckpt.with_suffix(".vocab.json"), "abc ", 200)
     expected = sample(compose_generate([f"ckpt={ckpt}", "prompt='abc '", "length=200", "temperature=0"]))[0]
     assert len(text) == 204 and len(set(text[4:])) > 2  # a real sample, not one repeated character
+    assert text == expected
+
+
+def test_the_readme_loop_runs_a_byte_model_as_generate_does(tmp_path):
+    """A data.unit=byte export wrote "chars": null, so the README's loop failed on byte models."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "bytes"
+    extra = ("data.unit=byte", "trainer.max_epochs=1", "trainer.precision=32-true", "logger=none", "test=false")
+    train(compose_train(tiny_overrides(corpus, out, *extra, "sample_length=0")))
+    ckpt = out / "checkpoints/best.ckpt"
+    (proc,) = run_exports([f"ckpt={ckpt}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prompt = "abc \u00e9 "  # é: two bytes, stepped through one at a time
+    text = greedy(ckpt.with_suffix(".onnx"), ckpt.with_suffix(".vocab.json"), prompt, 200)
+    expected = sample(compose_generate([f"ckpt={ckpt}", f"prompt='{prompt}'", "length=200", "temperature=0"]))[0]
+    assert len(text.encode()) == len(prompt.encode()) + 200 and len(set(text[len(prompt) :])) > 2
     assert text == expected
 
 

@@ -150,6 +150,26 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(run_d
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
+    """A 256 KB tmpfs that cannot hold the first checkpoint: torch.save's writer raised a RuntimeError ("unexpected
+    pos") with the ENOSPC chained under it, which was a traceback."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "256k")
+    try:
+        out = disk / "run"
+        short = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+        args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
+        args += ["model.tie_weights=false", "model.hidden_size=64"]  # about 800 KB with the optimiser state
+        proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
+        line = assert_error_line(proc, 2, "no space left to write")
+        assert line.endswith("; free disk space.")  # there was no previous file to keep
+        assert list((out / "checkpoints").iterdir()) == []  # no partial file under any name
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
 def test_sigkill_during_saves_across_filesystems_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
     """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's save moved its temporary file across them,
@@ -218,6 +238,24 @@ def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_t
     fresh = ["logger=none", "overwrite_run_dir=true", "test=false", "trainer.max_epochs=1"]
     train(compose_train(tiny_overrides(corpus, copy, *fresh)))
     assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_a_refused_run_leaves_the_other_runs_hydra_record_as_it_was(tmp_path):
+    """Hydra wrote .hydra/ before the task ran, so a run refused for another run's directory rewrote that run's
+    config.yaml and overrides.yaml with its own settings (hidden_size=999)."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "test=false"]
+    args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
+    proc = run_cli("train.py", *args, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = {p.name: sha(p) for p in (out / ".hydra").iterdir()}
+    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"]  # an accepted run writes its record
+    assert "model.hidden_size=32" in (out / ".hydra/overrides.yaml").read_text()
+    refused = run_cli("train.py", *args, "model.hidden_size=999", f"hydra.run.dir={out}")
+    assert_user_error(refused, "already holds checkpoints")
+    assert {p.name: sha(p) for p in (out / ".hydra").iterdir()} == record
 
 
 # ---- 8. divergence ----
@@ -401,3 +439,55 @@ def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rat
     assert saved["lr_schedulers"][0]["base_lrs"] == [0.01] and after["lr_schedulers"][0]["base_lrs"] == [0.005]
     assert after["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.005
     assert after["optimizer_states"][0]["param_groups"][0]["lr"] <= 0.005
+
+
+# ---- issue #22: one line naming the fix, where there was a traceback or wrong advice ----
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["seed=abc"], "seed='abc' must be a whole number"),  # was a ValueError traceback
+        (["seed=1.5"], "seed=1.5 must be a whole number"),  # crashed after training started, leaving tb/
+        (["trainer=ddp"], "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu"),
+        (["trainer.devices=0"], "trainer.devices=0 is not a number of devices; pass trainer.devices=1"),
+        (["model.hiden_size=64"], "model.hiden_size is not a setting; did you mean model.hidden_size?"),  # not "+"
+        (["data.path=/dev/zero"], "'/dev/zero' is not a regular file or a directory"),  # not "does not exist"
+    ],
+)
+def test_train_cli_refuses_in_one_line_what_was_a_traceback_or_wrong_advice(tmp_path, args, match):
+    if args == ["trainer=ddp"] and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    base = [*tiny_overrides(corpus, out, "trainer.max_epochs=1", "trainer.precision=32-true"), f"hydra.run.dir={out}"]
+    assert_user_error(run_cli("train.py", *base, *args), match)
+    assert not (out / "checkpoints").exists() and not (out / "tb").exists()
+
+
+def test_a_sweep_with_a_bad_job_ends_with_one_line_per_failed_job(tmp_path):
+    """Hydra's basic sweeper re-raised the failed job's error when the sweep ended: a 22-line traceback."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "test=false"]
+    args = tiny_overrides(corpus, tmp_path / "unused", *short, "trainer.precision=32-true", "logger=none")
+    args = [a for a in args if not a.startswith("paths.output_dir")]  # each job its own directory
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train.py", "-m", *args, "callbacks=no_logger", f"hydra.sweep.dir={sweep}", "model.dropout=0.1,1.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: sweep job 1 failed: model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2.", last
+    (good,) = sweep.glob("0_*")
+    assert (good / "checkpoints/last.ckpt").is_file()  # the good job trained
+
+
+def test_a_truncated_checkpoint_is_called_truncated(tmp_path):
+    """It was "not a checkpoint (not a torch.save archive)", which sends one looking for the wrong problem."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}, "hyper_parameters": {}}, whole)
+    data = whole.read_bytes()
+    for keep in (len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.ckpt").write_bytes(data[:keep])
+        with pytest.raises(UserError, match=r"cut.ckpt' is truncated \("):
+            load_checkpoint(tmp_path / "cut.ckpt")

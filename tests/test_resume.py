@@ -153,3 +153,25 @@ def test_resume_with_another_number_of_processes_is_refused(corpus, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("written by a run with 1 process(es) but this run has 2" in e for e in errors), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_stopped_by_max_steps_resumes_with_larger_limits_as_the_uninterrupted_run(corpus, tmp_path):
+    """Stopped by max_steps inside epoch 0, resumed with max_steps=-1: Lightning had counted the cut epoch as
+    done, so the resume skipped the rest of it and both validations (84 steps, no best.ckpt)."""
+    case = ["trainer.precision=32-true", "model.scheduler=none"]  # a schedule over max_steps would differ
+
+    def validations(out: Path) -> list[int]:
+        return [int(s) for s in (out / "validations.txt").read_text().split()]
+
+    def record(out: Path) -> list[str]:
+        out.mkdir()
+        return ["+callbacks.vals._target_=tests.probe.RecordValidations", f"+callbacks.vals.out={out}"]
+
+    straight, stopped, resumed = tmp_path / "straight", tmp_path / "stopped", tmp_path / "resumed"
+    run(corpus, straight, *case, *record(straight))
+    run(corpus, stopped, *case, "trainer.max_steps=33")  # not a multiple of every_n_train_steps=5
+    assert torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 33
+    run(corpus, resumed, *case, *record(resumed), f"ckpt_path={stopped}/checkpoints/last.ckpt")
+    assert validations(straight) == validations(resumed) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert (resumed / "checkpoints/best.ckpt").is_file()
+    assert_same_end(straight, resumed)

@@ -435,9 +435,10 @@ def test_joblib_launcher_runs_jobs_in_worker_processes_and_a_bad_job_fails_alone
     args += ["+callbacks.ranks._target_=tests.test_scaling.RecordRank", "+callbacks.ranks.out=${paths.output_dir}"]
     sweeper = start(args, tmp_path / "cwd", clean_env())
     ((rc, _, stderr),) = finish(sweeper)
-    assert rc != 0  # Hydra reports the failed jobs when the sweep ends
+    assert rc == 2 and "Traceback" not in stderr  # the sweep ends with the first failed job's line
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."] * 2, stderr[-3000:]
+    bad = "model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."
+    assert errors == [f"error: {bad}"] * 2 + [f"error: sweep job 1 failed: {bad}"], stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert len(jobs) == 4
     good = [j for j in jobs if "model.dropout=0.1" in yaml.safe_load((j / ".hydra/overrides.yaml").read_text())]
