@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
