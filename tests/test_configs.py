@@ -272,7 +272,8 @@ def test_a_sweep_goes_on_past_a_job_with_a_bad_config(tmp_path):
     proc = run_cli("train.py", "-m", "model.dropout=1.5,0.1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides)
     assert proc.returncode != 0  # Hydra reports the failed job when the sweep ends
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."]
+    line = "model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."
+    assert errors == [f"error: {line}", f"error: sweep job 0 failed: {line}"]  # when it fails, and at the end
     (bad,) = (tmp_path / "sweep").glob("0_*")
     (good,) = (tmp_path / "sweep").glob("1_*")
     assert not (bad / "checkpoints").exists() and (good / "checkpoints/last.ckpt").is_file()
