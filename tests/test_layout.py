@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 # Lowest first: a module may import only modules before it (README, "Architecture").
 LAYERS = [
     "charlm",
+    "charlm.checks",
     "charlm.hardware",
     "charlm.vocab",
     "charlm.corpus",
