@@ -15,12 +15,12 @@ import numpy as np
 
 from charlm import UserError
 from charlm.corpus import (
-    _GLOB,
     SEPARATOR,
     Tokenizing,
     blocks,
     corpus_error,
     corpus_files,
+    corpus_name,
     existing_file,
     tokenize_files,
 )
@@ -196,20 +196,8 @@ def load_tokens(path: str | Path, cache_dir: str | Path | None = None, **options
     ``SEPARATOR``) once, and memory-map the result on later calls. ``options``: those of ``Tokenizing``.
     See ``load_files`` for the cache."""
     files = corpus_files(path)
-    tokens, vocab, _ = load_files(files, SEPARATOR, Tokenizing(**options), cache_dir, _corpus_name(path, files))
+    tokens, vocab, _ = load_files(files, SEPARATOR, Tokenizing(**options), cache_dir, corpus_name(path))
     return tokens, vocab
-
-
-def _corpus_name(path: str | Path, files: list[Path]) -> str:
-    """The cache directory's prefix: the file's stem, or the folder's (the glob's first fixed folder) name."""
-    if len(files) == 1:
-        return files[0].stem
-    folder = Path(str(path)).expanduser()
-    while _GLOB.search(str(folder)) or not folder.name:
-        if folder == folder.parent:
-            break
-        folder = folder.parent
-    return f"{folder.name or 'corpus'}-files"
 
 
 def load_split(
@@ -217,7 +205,7 @@ def load_split(
 ) -> tuple[list[np.ndarray], Vocab]:
     """A corpus that comes split (train, val, test files): one vocab over their union, and each file's tokens."""
     files = [existing_file(p) for p in paths]
-    tokens, vocab, counts = load_files(files, "", Tokenizing(**options), cache_dir, files[0].stem + "-split")
+    tokens, vocab, counts = load_files(files, "", Tokenizing(**options), cache_dir, corpus_name(None, files[0]))
     ends = np.cumsum(counts)
     return [tokens[end - n : end] for n, end in zip(counts, ends, strict=True)], vocab
 

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes on any filesystem, a format version with migrations, and run directories that
-never overwrite another run's checkpoints."""
+"""Checkpoint files: atomic writes on any filesystem, a format version with migrations, and the edits a resume
+makes to a checkpoint before Lightning restores it."""
 
 from __future__ import annotations
 
@@ -198,37 +198,3 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UserError(f"{str(path)!r} is not a charlm checkpoint; pass a .ckpt written by train.py.")
     return migrate(checkpoint, path), data
-
-
-def other_runs_checkpoints(output_dir: str | Path, ckpt_path: str | None, overwrite: bool) -> list[str]:
-    """The names of the checkpoints in ``output_dir``/checkpoints that a run there would replace, although it does
-    not resume from one of them and was not told to (``overwrite``); none: the directory is this run's."""
-    ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
-    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    if not existing or overwrite:
-        return []
-    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent == ckpt_dir.resolve():
-        return []
-    return existing
-
-
-def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool, sweep: bool = False) -> None:
-    """Refuse to train into a directory that holds another run's checkpoints.
-
-    Resuming from a checkpoint inside that directory is allowed (the run continues there), and so is
-    ``overwrite_run_dir=true``. ``sweep``: the directory is a job's of a sweep (``-m``, Optuna), whose job
-    numbers restart at 0 in every run: a sweep run again into the same ``hydra.sweep.dir`` meets its own jobs."""
-    existing = other_runs_checkpoints(output_dir, ckpt_path, overwrite)
-    if not existing:
-        return
-    ckpt_dir = Path(output_dir).expanduser() / "checkpoints"
-    if sweep:
-        raise UserError(
-            f"the sweep job directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); run the"
-            " sweep into a new hydra.sweep.dir (unset, each run gets its own; an Optuna study in a storage goes on"
-            " there) or pass overwrite_run_dir=true to replace them."
-        )
-    raise UserError(
-        f"the run directory {str(output_dir)!r} already holds checkpoints ({', '.join(existing)}); pick a new"
-        f" hydra.run.dir, resume with ckpt_path={ckpt_dir}/last.ckpt, or pass overwrite_run_dir=true to replace them."
-    )

@@ -29,7 +29,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.config import CONF_DIR, build, compose, corpus_name
+from charlm.config import CONF_DIR, build, compose
+from charlm.corpus import corpus_name
 from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
 

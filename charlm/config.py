@@ -19,7 +19,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -36,12 +35,13 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
-from charlm.checkpoint import AtomicCheckpointIO, check_run_dir, other_runs_checkpoints, write_atomic
+from charlm.checkpoint import AtomicCheckpointIO
 from charlm.data import CharDataModule
 from charlm.hardware import default_precision, recipe_for
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
+from charlm.runs import check_run_dir, run_id, run_name, run_stamp, safe_name, write_run_record
 from charlm.sampling import SamplingConfig
 from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
 
@@ -56,56 +56,6 @@ def _shipped(in_package: str, in_checkout: str) -> Path:
 
 CONF_DIR = _shipped("conf", "conf")  # train.yaml, generate.yaml and the config groups
 DATA_DIR = _shipped("corpora", "data")  # the shipped corpora: timemachine.txt, tinyshakespeare.txt
-
-
-def run_id() -> str:
-    """HH-MM-SS-<microseconds>-<pid>: two runs started in the same second never share a directory."""
-    return f"{datetime.now():%H-%M-%S-%f}-{os.getpid()}"
-
-
-def run_stamp() -> str:
-    """The last part of a run's directory: ``<date>_<HH-MM-SS>-<microseconds>-<pid>``, unique per run; under SLURM
-    ``slurm-<job id>``, the same for every task of the job and for the job requeued (on another day too), so that a
-    requeued job finds its checkpoints again."""
-    job = slurm_job()
-    return f"slurm-{job}" if job else f"{datetime.now():%Y-%m-%d}_{run_id()}"
-
-
-def run_name(data_path: str | None = None, train_path: str | None = None) -> str:
-    """A run's name: ``name=...`` if given, else its experiment (``experiment=...``), else its corpus preset
-    (``data=...``), else the corpus file's name; safe as a directory name. Without ``data_path`` (in
-    ``hydra.run.dir``, which must resolve on its own for ``--cfg hydra``) the ``data.path=`` override is used."""
-    hydra = HydraConfig.get() if HydraConfig.initialized() else None
-    overrides = {}
-    for item in hydra.overrides.task if hydra else ():
-        key, _, value = item.lstrip("+~").partition("=")
-        overrides[key] = value.strip("'\"")
-    if overrides.get("name"):
-        return safe_name(overrides["name"])
-    choices = hydra.runtime.choices if hydra else {}
-    name = choices.get("experiment")
-    if name in (None, "null"):
-        name = choices.get("data")
-    if name in (None, "null", "text"):
-        name = corpus_name(data_path or overrides.get("data.path"), train_path or overrides.get("data.train_path"))
-    return safe_name(name)
-
-
-def corpus_name(path: str | None, train_path: str | None = None) -> str:
-    """A corpus's short name: the file's stem, a folder's or glob's folder name, or a pre-split corpus's folder."""
-    if train_path not in (None, "", "null", "None"):
-        return Path(str(train_path)).expanduser().resolve().parent.name or "split"
-    if path in (None, "", "null", "None"):
-        return "run"
-    p = Path(str(path)).expanduser()
-    while any(c in p.name for c in "*?[") and p != p.parent:
-        p = p.parent
-    return (p.name if p.is_dir() or p != Path(str(path)).expanduser() else p.stem) or "run"
-
-
-def safe_name(text: str, limit: int = 200) -> str:
-    """``text`` as one directory name: path separators and other odd characters become ``_``; at most ``limit``."""
-    return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", str(text)).strip("._")[:limit] or "run"
 
 
 def model_defaults() -> dict:
@@ -219,32 +169,6 @@ def check_devices(t: DictConfig) -> None:
             f"trainer.accelerator={accelerator} needs a CUDA GPU but none is visible; use trainer=cpu or"
             " trainer.accelerator=auto."
         )
-
-
-def write_run_record(cfg: DictConfig) -> None:
-    """Write Hydra's record of the run, ``.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``), into the
-    run directory, as Hydra does when ``hydra.output_subdir`` is set; nothing outside a Hydra app.
-
-    train.yaml sets ``hydra.output_subdir: null``, and this writes nothing into a directory that holds another run's
-    checkpoints (``other_runs_checkpoints``; ``check_run_dir`` then refuses the run), because Hydra writes the
-    record before the task function runs: a run refused for pointing at another run's directory rewrote that
-    run's record with its own config. Checking earlier in a Hydra callback would cover single runs only
-    (``on_run_start``): a sweep's jobs get no hook before the write (``on_job_start`` comes after it), and
-    snapshotting and restoring the old files would not survive a launcher's worker process. Only rank 0 calls
-    this (DDP ranks > 0 re-run the script into its directory)."""
-    if not HydraConfig.initialized():
-        return
-    hydra = HydraConfig.instance().cfg
-    if hydra.hydra.output_subdir is not None:  # set on the command line: Hydra has written it itself
-        return
-    out = Path(hydra.hydra.runtime.output_dir)
-    if other_runs_checkpoints(out, cfg.ckpt_path, cfg.overwrite_run_dir):
-        return
-    record = out / ".hydra"
-    record.mkdir(parents=True, exist_ok=True)
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
-        text = OmegaConf.to_yaml(node).encode()
-        write_atomic(record / name, lambda f, text=text: f.write(text))
 
 
 def check_recipe(cfg: DictConfig) -> None:

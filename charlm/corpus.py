@@ -254,3 +254,17 @@ def split_paths(
             )
         return [str(Path(path).expanduser() / name) for name in files]
     return [train, val, test] if given else None
+
+
+def corpus_name(path: str | Path | None, train_path: str | Path | None = None) -> str:
+    """A corpus's short name, which names its runs, its HPARAMS entry and its token cache: a file's stem, a
+    folder's name (a glob's: its first folder without a wildcard), or a pre-split corpus's folder (of its train
+    file); ``run`` when no corpus is given. The strings ``null`` / ``None`` are Hydra overrides that give none."""
+    if train_path not in (None, "", "null", "None"):
+        return Path(str(train_path)).expanduser().resolve().parent.name or "split"
+    if path in (None, "", "null", "None"):
+        return "run"
+    given = folder = Path(str(path)).expanduser()
+    while _GLOB.search(str(folder)) and folder != folder.parent:
+        folder = folder.parent
+    return (folder.name if folder.is_dir() or folder != given else folder.stem) or "run"

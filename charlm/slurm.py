@@ -32,7 +32,7 @@ def run_last_ckpt(output_dir: str | Path) -> Path:
 
 def requeued_resume_path(output_dir: str | Path) -> str | None:
     """``last.ckpt`` of this run directory if this is a requeued SLURM job (``SLURM_RESTART_COUNT`` >= 1; the run
-    directory is the job's own, see ``charlm.config.run_stamp``), else None (also when the job stopped before its
+    directory is the job's own, see ``charlm.runs.run_stamp``), else None (also when the job stopped before its
     first checkpoint)."""
     if slurm_job() is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 import charlm.sampling
 from bench.events import RunEvents
 from charlm import UserError
-from charlm.cache import load_tokens
-from charlm.corpus import SEPARATOR
+from charlm.cache import load_split, load_tokens
+from charlm.corpus import SEPARATOR, corpus_name
 from charlm.data import CharDataModule
 from charlm.module import load_checkpoint
 from charlm.sampling import SamplingConfig, stream_text
@@ -28,6 +28,30 @@ SHORT = (
     "trainer.limit_test_batches=5",
 )
 RAW = b"<page>\n  <title>caf\xc3\xa9 \xe2\x9c\x93</title>\xff\xfe\x00 raw bytes, not UTF-8\n</page>\n"
+
+
+def test_a_corpus_has_one_name_for_its_runs_and_its_token_cache(tmp_path):
+    """``corpus_name`` names a file by its stem, a folder or glob by its folder, a pre-split corpus by its train
+    file's folder; the token cache is named the same way."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (books / name).write_text(make_text(500), encoding="utf-8")
+    for path, expected in (
+        (books / "a.txt", "a"),
+        (books, "books"),
+        (f"{books}/*.txt", "books"),
+        (f"{tmp_path}/*/a.txt", tmp_path.name),
+    ):
+        assert corpus_name(str(path)) == expected
+        cache = tmp_path / f"cache-{expected}"
+        load_tokens(path, cache)
+        assert [d.name.rsplit("-", 1)[0] for d in cache.iterdir()] == [expected]
+    split = [str(books / name) for name in ("a.txt", "b.txt", "c.txt")]
+    assert corpus_name(None, split[0]) == corpus_name("null", split[0]) == "books"
+    load_split(split, tmp_path / "cache-split")
+    assert [d.name.rsplit("-", 1)[0] for d in (tmp_path / "cache-split").iterdir()] == ["books"]
+    assert corpus_name(None) == corpus_name("null") == "run"
 
 
 def test_byte_tokens_are_the_files_bytes_joined_by_the_separator(tmp_path):

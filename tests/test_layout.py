@@ -32,6 +32,7 @@ LAYERS = [
     "charlm.sampling",
     "charlm.callbacks",
     "charlm.slurm",
+    "charlm.runs",
     "charlm.board",
     "charlm.config",
     "charlm.info",
