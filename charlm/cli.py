@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.config import CONF_DIR, build, compose
+from charlm.config import CONF_DIR, build, compose, register
 from charlm.corpus import corpus_name
 from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
@@ -239,6 +239,7 @@ def train_main() -> None:
     In a sweep (``-m``), a job with a bad config or a diverged run fails alone: the sweep goes on, and ends with
     one line per failed job and a non-zero exit when its sweeper gives up on failed jobs (Hydra's basic sweeper
     does, Optuna's below ``max_failure_rate`` does not)."""
+    register()
     with hydra_errors_reported("train"):
         _train_app()
 
@@ -251,6 +252,7 @@ def _generate_app(cfg: DictConfig) -> None:
 
 def generate_main() -> None:
     """``charlm-generate ckpt=PATH [overrides]``: sample text from a checkpoint."""
+    register()
     with hydra_errors_reported("generate"):
         _generate_app()
 

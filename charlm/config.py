@@ -1,12 +1,8 @@
-"""The one assembly: where the configs live, the resolvers they use, ``compose(overrides)`` and ``build(cfg)``.
+"""The one assembly: where the configs live, what they need registered (``register``), ``compose(overrides)``
+and ``build(cfg)``.
 
 ``charlm-train`` / ``train.py``, ``charlm-generate`` / ``generate.py``, the benchmarks and the tests all compose
-and build through here, so a run in a test is the run a user gets.
-
-Importing this module registers what the configs need and nothing else: the ``${charlm_*:}`` resolvers and the
-``model/base``, ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults
-(``RNNConfig`` + ``OptimConfig``, ``CharDataModule``'s signature, ``SamplingConfig``) so that no yaml file
-restates a default; a group file lists only what it changes.
+and build through here, so a run in a test is the run a user gets. Importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -69,27 +65,35 @@ def data_defaults() -> dict:
     return {p.name: MISSING if p.default is p.empty else p.default for p in params if p.name != "self"}
 
 
-OmegaConf.register_new_resolver("charlm_data", lambda: str(DATA_DIR), replace=True)
-OmegaConf.register_new_resolver(
-    "charlm_precision", lambda accelerator="auto": default_precision(accelerator)[0], replace=True
-)
-OmegaConf.register_new_resolver("charlm_recipe", recipe_for, replace=True)
-OmegaConf.register_new_resolver("charlm_run_id", run_id, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("charlm_run_stamp", run_stamp, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("charlm_run_name", run_name, replace=True)
-OmegaConf.register_new_resolver("charlm_safe_name", safe_name, replace=True)
-_store = ConfigStore.instance()
-_store.store(
-    group="model", name="base", node={"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults()
-)
-_store.store(
-    group="data", name="base", node={"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults()
-)
-_store.store(name="sampling", node=asdict(SamplingConfig()))
+def register() -> None:
+    """Register what the shipped configs need: the ``${charlm_*:}`` resolvers, and the ``model/base``,
+    ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults so that no yaml file restates
+    a default. ``compose`` and the apps (``charlm-train``, ``charlm-generate``) call it before Hydra composes;
+    calling it again changes nothing."""
+    resolvers = {
+        "charlm_data": lambda: str(DATA_DIR),
+        "charlm_precision": lambda accelerator="auto": default_precision(accelerator)[0],
+        "charlm_recipe": recipe_for,
+        "charlm_run_name": run_name,
+        "charlm_safe_name": safe_name,
+    }
+    for name, resolver in resolvers.items():
+        OmegaConf.register_new_resolver(name, resolver, replace=True)
+    for name, resolver in (("charlm_run_id", run_id), ("charlm_run_stamp", run_stamp)):  # one value per run
+        OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=True)
+    store = ConfigStore.instance()
+    store.store(
+        group="model", name="base", node={"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults()
+    )
+    store.store(
+        group="data", name="base", node={"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults()
+    )
+    store.store(name="sampling", node=asdict(SamplingConfig()))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
     """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with."""
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 

@@ -79,14 +79,24 @@ def test_no_script_is_imported_and_no_sys_path_is_edited():
 
 
 def test_importing_the_library_registers_no_resolvers_or_configs():
+    """Only ``charlm.config.register()`` (which ``compose`` and the apps call) adds the resolvers and config nodes;
+    a second call changes nothing."""
+    used = {m for path in ROOT.glob("conf/**/*.yaml") for m in re.findall(r"\$\{(charlm_\w+):", path.read_text())}
+    assert len(used) >= 7  # charlm_data, _precision, _recipe, _run_id, _run_stamp, _run_name, _safe_name
     code = (
-        "import charlm.module, charlm.sampling, charlm.callbacks, charlm.data\n"
+        "import charlm.module, charlm.sampling, charlm.callbacks, charlm.data, charlm.config, charlm.cli\n"
         "from omegaconf import OmegaConf\n"
         "from hydra.core.config_store import ConfigStore\n"
-        "assert not OmegaConf.has_resolver('charlm_data')\n"
-        "assert 'base' not in ConfigStore.instance().repo.get('model', {})\n"
-        "import charlm.config\n"
-        "assert OmegaConf.has_resolver('charlm_data') and 'base.yaml' in ConfigStore.instance().repo['model']\n"
+        "repo = ConfigStore.instance().repo\n"
+        f"names = {sorted(used)!r}\n"
+        "assert not [name for name in names if OmegaConf.has_resolver(name)]\n"
+        "assert 'base.yaml' not in repo.get('model', {}) and 'sampling.yaml' not in repo\n"
+        "charlm.config.register()\n"
+        "charlm.config.register()\n"
+        "assert all(OmegaConf.has_resolver(name) for name in names)\n"
+        "assert 'base.yaml' in repo['model'] and 'base.yaml' in repo['data'] and 'sampling.yaml' in repo\n"
+        "print(charlm.config.compose(['model.hidden_size=8']).model.hidden_size)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["8"]
