@@ -154,6 +154,22 @@ def reopen_cut_epoch(trainer, checkpoint: dict) -> None:
             counts["processed"] -= 1
 
 
+def rescale_lr(checkpoint: dict, ratio: float) -> None:
+    """A resume with another ``model.lr``: scale the saved optimiser and schedule learning rates by ``ratio``, so
+    the schedule goes on from where it was, at the new base rate (Lightning would restore the old rates)."""
+    if ratio == 1:
+        return
+    for opt in checkpoint.get("optimizer_states", []):
+        for group in opt["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] *= ratio
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr", "min_lrs"):
+            if isinstance(sched.get(key), list):
+                sched[key] = [v * ratio for v in sched[key]]
+
+
 def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order (Lightning's ``all_gather`` takes tensors only)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

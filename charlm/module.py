@@ -1,5 +1,6 @@
 """CharLM: the LightningModule. One shared step for train / val / test, carried TBPTT state, token-weighted
-metrics, optimisers and LR schedules. Built from plain hyperparameters, so a checkpoint alone rebuilds it."""
+metrics; the optimiser and LR schedule that ``OptimConfig`` makes. Built from plain hyperparameters, so a
+checkpoint alone rebuilds it."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from charlm.checkpoint import (
     migrate,
     read_checkpoint,
     reopen_cut_epoch,
+    rescale_lr,
     rng_states,
     set_rng_states,
 )
 from charlm.model import RNNConfig, RNNStack, State
-from charlm.optim import DECAYS, OptimConfig, WarmupDecayLR, fused_kernel_allowed
+from charlm.optim import OptimConfig, fused_kernel_allowed
 from charlm.vocab import vocab_from_dict
 
 STAGES = ("train", "val", "test")
@@ -134,30 +136,12 @@ class CharLM(pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self):
-        hp = self.optim_cfg
-        opt = hp.make_optimizer(self.parameters(), fused=self._fused_allowed())
-        if hp.scheduler == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, factor=hp.decay_factor, patience=hp.plateau_patience
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}
-        if hp.scheduler == "step":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: hp.decay_factor ** max(0, e + 1 - hp.decay_start))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if hp.scheduler == "none" and not hp.warmup_steps:
-            return opt
-        total = self.trainer.estimated_stepping_batches
-        timer = next(
-            (c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None
-        )
-        if hp.scheduler in DECAYS and not math.isfinite(total) and timer is None:
-            raise UserError(
-                f"model.scheduler={hp.scheduler} needs a finite run;"
-                " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
-            )
+        opt = self.optim_cfg.make_optimizer(self.parameters(), fused=self._fused_allowed())
+        trainer = self.trainer
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
         clock = None if timer is None else lambda: (timer.time_elapsed("train"), timer.time_remaining("train"))
-        sched = WarmupDecayLR(opt, hp.warmup_steps, total, hp.min_lr / hp.lr, hp.scheduler, clock, hp.cooldown)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = self.optim_cfg.make_scheduler(opt, lambda: trainer.estimated_stepping_batches, clock)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     def _fused_allowed(self) -> bool:
         """``fused_kernel_allowed`` for this run's precision plugin and clipping."""
@@ -220,22 +204,6 @@ class CharLM(pl.LightningModule):
             metric = self.nll["train_nll"]
             for name, value in saved["train_nll"].items():
                 setattr(metric, name, value.to(self.device))
-
-
-def rescale_lr(checkpoint: dict, ratio: float) -> None:
-    """A resume with another ``model.lr``: scale the saved optimiser and schedule learning rates by ``ratio``, so
-    the schedule goes on from where it was, at the new base rate (Lightning would restore the old rates)."""
-    if ratio == 1:
-        return
-    for opt in checkpoint.get("optimizer_states", []):
-        for group in opt["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in group:
-                    group[key] *= ratio
-    for sched in checkpoint.get("lr_schedulers", []):
-        for key in ("base_lrs", "_last_lr", "min_lrs"):
-            if isinstance(sched.get(key), list):
-                sched[key] = [v * ratio for v in sched[key]]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **hparams) -> CharLM:

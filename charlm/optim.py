@@ -82,7 +82,7 @@ class OptimConfig:
                 raise UserError(f"model.{name}={value!r} must be a whole number >= 0.")
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:
-        """The configured optimiser over ``params`` (the schedule needs the Trainer: see CharLM). ``fused=False``
+        """The configured optimiser over ``params`` (its schedule: ``make_scheduler``). ``fused=False``
         keeps Adam(W) off torch's fused kernel (see ``fused_kernel_allowed``)."""
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -95,6 +95,39 @@ class OptimConfig:
         fused = fused and bool(params)
         fused = fused and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
         return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused or None)
+
+    def make_scheduler(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: Callable[[], float],
+        clock: Callable[[], tuple[float, float]] | None = None,
+    ) -> dict | None:
+        """The LR schedule over ``optimizer`` as Lightning's ``lr_scheduler`` entry (the scheduler, when it steps,
+        what it monitors), or None for a constant LR.
+
+        ``total_steps()``: the run's optimizer steps, asked only by the schedules that anneal over them (Lightning
+        builds the training data to count them); ``clock``: seconds elapsed and left under ``trainer.max_time``
+        (``WarmupDecayLR``), or None without a time limit."""
+        if self.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, factor=self.decay_factor, patience=self.plateau_patience
+            )
+            return {"scheduler": plateau, "monitor": "val/loss"}
+        if self.scheduler == "step":
+            factor, start = self.decay_factor, self.decay_start
+            step = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: factor ** max(0, epoch + 1 - start))
+            return {"scheduler": step, "interval": "epoch"}
+        if self.scheduler == "none" and not self.warmup_steps:
+            return None
+        total = total_steps()
+        if self.scheduler in DECAYS and not math.isfinite(total) and clock is None:
+            raise UserError(
+                f"model.scheduler={self.scheduler} needs a finite run;"
+                " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
+            )
+        floor = self.min_lr / self.lr
+        sched = WarmupDecayLR(optimizer, self.warmup_steps, total, floor, self.scheduler, clock, self.cooldown)
+        return {"scheduler": sched, "interval": "step"}
 
 
 def fused_kernel_allowed(precision: object, clipping: bool, scaler: bool | None = None) -> bool:
