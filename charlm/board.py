@@ -1,5 +1,5 @@
 """TensorBoard that opens on the learning curves: tag sections in the order a user reads them, no single-point
-clutter, and an HPARAMS entry whose metrics are the run's own curves.
+clutter, and an HPARAMS entry of the settings runs are compared by, whose metrics are the run's own curves.
 
 TensorBoard lists tag sections (the text before the first ``/``) in code-point order and expands the first
 ones, so the metric names Lightning sees (``val/bpc``, ``train/loss_step``, ``lr-AdamW``, ...: what checkpoints
@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from charlm.corpus import corpus_name
 
 # (prefix of the Lightning name, section it is written under, part of the name that the section replaces);
 # the first match wins
@@ -67,3 +71,39 @@ class CurvesFirstLogger(TensorBoardLogger):
         for summary in (exp, ssi, sei):
             writer.add_summary(summary)
         writer.flush()
+
+
+def log_hparams(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], names: list[str]) -> None:
+    """Each logger's HPARAMS entry for the finished run: ``curated_hparams`` against its final ``metrics``
+    (``names``: their order); for ``CurvesFirstLogger`` the val and test curves themselves."""
+    params = curated_hparams(cfg, trainer)
+    for logger in trainer.loggers:
+        if isinstance(logger, CurvesFirstLogger):
+            logger.log_run(params, [k for k in names if not k.startswith("train/")])
+        else:
+            logger.log_hyperparams(params, metrics)
+
+
+def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
+    """What runs are compared by, in this order: the run's name, every model setting, the data and trainer
+    settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
+    params: dict[str, object] = {"name": cfg.name}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    first = ("cell", "num_layers", "hidden_size", "dropout", "lr")  # the columns HPARAMS shows at first
+    params |= {f"model.{k}": model[k] for k in first}
+    params |= {f"model.{k}": v for k, v in model.items() if not k.startswith("_") and k not in first}
+    data = cfg.data
+    params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
+    params["data.unit"] = data.get("unit", "char")
+    for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "sampling", "splits"):
+        params[f"data.{name}"] = OmegaConf.to_container(data[name]) if name == "splits" else data[name]
+    t = cfg.trainer
+    params |= {f"trainer.{k}": t.get(k) for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
+    params["trainer.precision"] = str(trainer.precision)
+    if "recipes" in cfg:  # a budget preset's per-precision recipe (conf/experiment/shakespeare_5min.yaml)
+        params["recipe"] = cfg.recipe
+    params["trainer.processes"] = trainer.world_size
+    params["seed"] = cfg.seed
+    return {
+        k: "null" if v is None else (str(v) if isinstance(v, list | tuple | dict) else v) for k, v in params.items()
+    }

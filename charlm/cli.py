@@ -27,10 +27,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import UserError, reported_user_errors, user_error_in
-from charlm.board import CurvesFirstLogger
+from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build, compose, register
-from charlm.corpus import corpus_name
 from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text
 
@@ -62,41 +61,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run_test:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
-    params = curated_hparams(cfg, trainer)
-    for logger in trainer.loggers:
-        if isinstance(logger, CurvesFirstLogger):  # the metrics are the curves' own tags
-            logger.log_run(params, [k for k in epoch_metrics if k in metrics and not k.startswith("train/")])
-        else:
-            logger.log_hyperparams(params, metrics)
-
+    log_hparams(cfg, trainer, metrics, [k for k in epoch_metrics if k in metrics])
     if trainer.is_global_zero:
         report(cfg, trainer, model, metrics, "best" if run_test and best else "final", best, last)
     return metrics
-
-
-def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
-    """What runs are compared by, in this order: the run's name, every model setting, the data and trainer
-    settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
-    params: dict[str, object] = {"name": cfg.name}
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    first = ("cell", "num_layers", "hidden_size", "dropout", "lr")  # the columns HPARAMS shows at first
-    params |= {f"model.{k}": model[k] for k in first}
-    params |= {f"model.{k}": v for k, v in model.items() if not k.startswith("_") and k not in first}
-    data = cfg.data
-    params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
-    params["data.unit"] = data.get("unit", "char")
-    for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "sampling", "splits"):
-        params[f"data.{name}"] = OmegaConf.to_container(data[name]) if name == "splits" else data[name]
-    t = cfg.trainer
-    params |= {f"trainer.{k}": t.get(k) for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
-    params["trainer.precision"] = str(trainer.precision)
-    if "recipes" in cfg:  # a budget preset's per-precision recipe (conf/experiment/shakespeare_5min.yaml)
-        params["recipe"] = cfg.recipe
-    params["trainer.processes"] = trainer.world_size
-    params["seed"] = cfg.seed
-    return {
-        k: "null" if v is None else (str(v) if isinstance(v, list | tuple | dict) else v) for k, v in params.items()
-    }
 
 
 def report(
