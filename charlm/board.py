@@ -85,13 +85,17 @@ def log_hparams(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float],
 
 
 def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
-    """What runs are compared by, in this order: the run's name, every model setting, the data and trainer
-    settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
+    """What runs are compared by, in this order: the run's name, every model and optimiser setting, the data and
+    trainer settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
     params: dict[str, object] = {"name": cfg.name}
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    first = ("cell", "num_layers", "hidden_size", "dropout", "lr")  # the columns HPARAMS shows at first
-    params |= {f"model.{k}": model[k] for k in first}
-    params |= {f"model.{k}": v for k, v in model.items() if not k.startswith("_") and k not in first}
+    settings = {
+        f"{group}.{k}": v
+        for group in ("model", "optim")
+        for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
+        if not k.startswith("_")
+    }
+    first = ("model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "optim.lr")  # shown at first
+    params |= {k: settings[k] for k in first} | settings
     data = cfg.data
     params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
     params["data.unit"] = data.get("unit", "char")

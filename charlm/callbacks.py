@@ -163,7 +163,7 @@ class NonFiniteGuard(pl.Callback):
         if too_high:
             raise Diverged(
                 f"training diverged at step {step}: loss {loss:.4g} nats is over loss_limit={self.loss_limit:g} x"
-                f" the starting loss {start:.3g}; {_kept(trainer)}: lower model.lr or keep trainer.gradient_clip_val."
+                f" the starting loss {start:.3g}; {_kept(trainer)}: lower optim.lr or keep trainer.gradient_clip_val."
             )
         if overflow:
             self.overflows += 1
@@ -173,7 +173,7 @@ class NonFiniteGuard(pl.Callback):
                 return  # the scaler skips this update and lowers its scale
             raise Diverged(
                 f"training diverged at step {step}: the scaled gradients overflowed {self.overflows_in_a_row} steps"
-                f" in a row; {_kept(trainer)}: lower model.lr or train in bf16-mixed or 32-true."
+                f" in a row; {_kept(trainer)}: lower optim.lr or train in bf16-mixed or 32-true."
             )
         self.overflows_in_a_row = 0
         if not bad:
@@ -181,7 +181,7 @@ class NonFiniteGuard(pl.Callback):
         if self.policy == "stop":
             raise Diverged(
                 f"training diverged at step {step} (loss {loss:.4g}, gradient norm {float(norm):.4g});"
-                f" {_kept(trainer)}: lower model.lr, keep trainer.gradient_clip_val, or pass on_nonfinite=skip."
+                f" {_kept(trainer)}: lower optim.lr, keep trainer.gradient_clip_val, or pass on_nonfinite=skip."
             )
         self.skipped += 1
         for p in pl_module.parameters():
@@ -194,7 +194,7 @@ class NonFiniteGuard(pl.Callback):
         if trainer.sanity_checking or loss is None or math.isfinite(float(loss)):
             return
         raise Diverged(
-            f"val/loss is {float(loss)} at step {trainer.global_step}; {_kept(trainer)}: lower model.lr or keep"
+            f"val/loss is {float(loss)} at step {trainer.global_step}; {_kept(trainer)}: lower optim.lr or keep"
             " trainer.gradient_clip_val."
         )
 

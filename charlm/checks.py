@@ -8,6 +8,7 @@ declared, and ``choice`` reads the allowed values from that type, so the two can
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Iterable
 
@@ -47,11 +48,11 @@ def number(
     low_open: bool = False,
     example: object = None,
 ) -> float:
-    """``value`` as a real number in the interval from ``low`` to ``high`` (either may be None: unbounded).
+    """``value`` as a finite real number in the interval from ``low`` to ``high`` (either may be None: unbounded).
 
     ``low_open`` / ``high_open`` leave the bound itself out: ``number("model.dropout", p, 0, 1, high_open=True)``
     is [0, 1)."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and value == value  # NaN != NaN
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:

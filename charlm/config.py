@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
@@ -54,9 +54,47 @@ CONF_DIR = _shipped("conf", "conf")  # train.yaml, generate.yaml and the config 
 DATA_DIR = _shipped("corpora", "data")  # the shipped corpora: timemachine.txt, tinyshakespeare.txt
 
 
+# Settings that moved: the old key still works, with a one-line notice. Its node keeps it as an interpolation of
+# the new key, so that overrides, sweeps and search spaces over the old key compose; ``move_renamed`` then moves
+# a value set on it to the new key.
+RENAMED = {f"model.{f.name}": f"optim.{f.name}" for f in fields(OptimConfig)}
+_noticed: set[str] = set()  # old keys already reported in this process
+
+
+def old_keys(group: str) -> dict[str, str]:
+    """The old keys of ``group``'s node, each interpolating the key it moved to."""
+    return {old.split(".", 1)[1]: f"${{{new}}}" for old, new in RENAMED.items() if old.startswith(f"{group}.")}
+
+
+def move_renamed(cfg: DictConfig) -> DictConfig:
+    """Move the value of each old key that a config file or an override set to its new key, and drop the old
+    keys; a value set on the old key wins, as it did before the move. Says so once per key and process, on
+    stderr."""
+    for old, new in RENAMED.items():
+        group, key = old.split(".", 1)
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        value = OmegaConf.to_container(node, resolve=False)[key]
+        with open_dict(node):
+            del node[key]
+        if value == f"${{{new}}}":
+            continue
+        OmegaConf.update(cfg, new, value, merge=False)
+        if old not in _noticed and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run the script
+            _noticed.add(old)
+            print(f"note: {old} is now {new}; {old} still works", file=sys.stderr)
+    return cfg
+
+
 def model_defaults() -> dict:
-    """Every ``model.*`` setting with its Python default: the fields of RNNConfig and OptimConfig."""
-    return {**asdict(RNNConfig()), **asdict(OptimConfig()), "betas": list(OptimConfig.betas)}
+    """Every ``model.*`` setting with its Python default: the fields of RNNConfig."""
+    return asdict(RNNConfig())
+
+
+def optim_defaults() -> dict:
+    """Every ``optim.*`` setting with its Python default: the fields of OptimConfig."""
+    return asdict(OptimConfig()) | {"betas": list(OptimConfig.betas)}
 
 
 def data_defaults() -> dict:
@@ -67,9 +105,9 @@ def data_defaults() -> dict:
 
 def register() -> None:
     """Register what the shipped configs need: the ``${charlm_*:}`` resolvers, and the ``model/base``,
-    ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults so that no yaml file restates
-    a default. ``compose`` and the apps (``charlm-train``, ``charlm-generate``) call it before Hydra composes;
-    calling it again changes nothing."""
+    ``optim/base``, ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults so that no
+    yaml file restates a default. ``compose`` and the apps (``charlm-train``, ``charlm-generate``) call it before
+    Hydra composes; calling it again changes nothing."""
     resolvers = {
         "charlm_data": lambda: str(DATA_DIR),
         "charlm_precision": lambda accelerator="auto": default_precision(accelerator)[0],
@@ -82,9 +120,9 @@ def register() -> None:
     for name, resolver in (("charlm_run_id", run_id), ("charlm_run_stamp", run_stamp)):  # one value per run
         OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=True)
     store = ConfigStore.instance()
-    store.store(
-        group="model", name="base", node={"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults()
-    )
+    model = {"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults() | old_keys("model")
+    store.store(group="model", name="base", node=model)
+    store.store(group="optim", name="base", node=optim_defaults())
     store.store(
         group="data", name="base", node={"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults()
     )
@@ -95,7 +133,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hy
     """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with."""
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    return move_renamed(cfg)
 
 
 # Checkpoint settings that fix the shapes of the weights: a resume must not change them.
@@ -191,6 +230,7 @@ def check_recipe(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
     anything is written."""
+    move_renamed(cfg)  # a config from the Hydra app; compose() has moved them already
     # Our datasets load in the main process and shard themselves by rank, so their __len__ is exact.
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
     # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
@@ -210,7 +250,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
     if cfg.ckpt_path:
         check_resume(cfg.ckpt_path, dm, cfg.model)
-    model = instantiate(cfg.model, vocab=dm.vocab.to_dict())
+    model = instantiate(cfg.model, vocab=dm.vocab.to_dict(), **OmegaConf.to_container(cfg.optim, resolve=True))
     if rank_zero:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir, sweep=multirun)

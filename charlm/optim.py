@@ -6,20 +6,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from charlm import UserError
+from charlm.checks import choice, number, options, whole
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "step", "plateau", "cosine", "linear", "wsd")
-DECAYS = ("cosine", "linear", "wsd")  # annealed per step over the run's steps or wall clock
+Optimizer = Literal["sgd", "adam", "adamw"]
+Decay = Literal["cosine", "linear", "wsd"]  # annealed per step over the run's steps or wall clock
+Scheduler = Literal["none", "step", "plateau", Decay]
 _FUSED_DEVICES = ("cpu", "cuda")  # Adam(W) fused kernels in torch 2.13 that charlm runs on
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """The optimiser and LR schedule: the one place that lists their settings and defaults (``python train.py``'s).
+    """The optimiser and LR schedule: the one place that lists their settings and defaults (``python train.py``'s,
+    the ``optim.*`` settings of the configs).
 
     Schedules: ``step`` keeps ``lr`` for ``decay_start`` epochs then multiplies it by ``decay_factor`` each
     epoch (Zaremba); ``plateau`` multiplies by ``decay_factor`` after ``plateau_patience`` epochs without a
@@ -27,16 +30,16 @@ class OptimConfig:
     ``trainer.max_time``, whichever ends it first), ``linear`` the same in a straight line, and ``wsd``
     (warm-up, stable, decay) keeps ``lr`` until the last ``cooldown`` fraction of the run, then decays linearly
     to ``min_lr``; ``none`` keeps ``lr``. ``warmup_steps`` ramps the LR linearly from 0 under all but ``step``
-    and ``plateau``. Validated on construction, with one-sentence errors that
-    name the ``model.*`` setting to change: a rate that would train nothing or diverge at once is refused.
+    and ``plateau``. Validated on construction, with one-sentence errors that name the ``optim.*`` setting to
+    change: a rate that would train nothing or diverge at once is refused.
     """
 
-    optimizer: str = "adamw"  # sgd | adam | adamw
+    optimizer: Optimizer = "adamw"
     lr: float = 4e-3
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
-    scheduler: str = "cosine"  # none | step (Zaremba) | plateau | cosine | linear | wsd
+    scheduler: Scheduler = "cosine"  # step: Zaremba's per-epoch decay
     warmup_steps: int = 20  # linear warm-up (none / cosine / linear / wsd)
     min_lr: float = 0.0  # floor of cosine / linear / wsd
     cooldown: float = 0.2  # wsd: the fraction of the run (after warm-up) that decays
@@ -45,41 +48,23 @@ class OptimConfig:
     plateau_patience: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, str) or not isinstance(self.betas, Sequence):
-            raise UserError(f"model.betas={self.betas!r} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999].")
-        object.__setattr__(self, "betas", tuple(self.betas))  # a list from yaml or a checkpoint
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"model.optimizer={self.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}.")
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"model.scheduler={self.scheduler!r} is not known; use one of {', '.join(SCHEDULERS)}.")
-        numbers = {name: getattr(self, name) for name in ("lr", "min_lr", "weight_decay", "momentum", "decay_factor")}
-        for name, value in {**numbers, **{f"betas[{i}]": b for i, b in enumerate(self.betas)}}.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                example = getattr(OptimConfig, name, None) if "[" not in name else OptimConfig.betas[int(name[-2])]
-                raise UserError(f"model.{name}={value!r} must be a number; e.g. model.{name}={example}.")
-        lr, min_lr = self.lr, self.min_lr
-        if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"model.lr={lr} must be a positive finite number; e.g. model.lr=0.002.")
-        if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
-            raise UserError(f"model.min_lr={min_lr} must be in [0, model.lr={lr}]; e.g. model.min_lr=0.")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(
-                f"model.weight_decay={self.weight_decay} must be >= 0 and finite; e.g. model.weight_decay=0.01."
-            )
-        if not 0 <= self.momentum < 1:
-            raise UserError(f"model.momentum={self.momentum} must be in [0, 1); e.g. model.momentum=0.9.")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise UserError(
-                f"model.betas={list(self.betas)} must be two numbers in [0, 1); e.g. model.betas=[0.9,0.999]."
-            )
-        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int | float) or not 0 < self.cooldown <= 1:
-            raise UserError(f"model.cooldown={self.cooldown!r} must be in (0, 1]; e.g. model.cooldown=0.2.")
-        if not 0 < self.decay_factor <= 1:
-            raise UserError(f"model.decay_factor={self.decay_factor} must be in (0, 1]; e.g. model.decay_factor=0.5.")
+        choice("optim.optimizer", self.optimizer, Optimizer)
+        choice("optim.scheduler", self.scheduler, Scheduler)
+        lr = number("optim.lr", self.lr, 0, low_open=True, example=0.002)
+        if number("optim.min_lr", self.min_lr, 0, example=0) > lr:
+            raise UserError(f"optim.min_lr={self.min_lr} must be <= optim.lr={lr}; e.g. optim.min_lr=0.")
+        number("optim.weight_decay", self.weight_decay, 0, example=0.01)
+        number("optim.momentum", self.momentum, 0, 1, high_open=True, example=0.9)
+        number("optim.cooldown", self.cooldown, 0, 1, low_open=True, example=0.2)
+        number("optim.decay_factor", self.decay_factor, 0, 1, low_open=True, example=0.5)
         for name in ("warmup_steps", "decay_start", "plateau_patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"model.{name}={value!r} must be a whole number >= 0.")
+            whole(f"optim.{name}", getattr(self, name), 0, example=getattr(OptimConfig, name))
+        betas = self.betas
+        if isinstance(betas, str) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise UserError(f"optim.betas={betas!r} must be two numbers in [0, 1); e.g. optim.betas=[0.9,0.999].")
+        for i, beta in enumerate(betas):
+            number(f"optim.betas[{i}]", beta, 0, 1, high_open=True, example=OptimConfig.betas[i])
+        object.__setattr__(self, "betas", tuple(betas))  # a list from yaml or a checkpoint
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:
         """The configured optimiser over ``params`` (its schedule: ``make_scheduler``). ``fused=False``
@@ -120,9 +105,9 @@ class OptimConfig:
         if self.scheduler == "none" and not self.warmup_steps:
             return None
         total = total_steps()
-        if self.scheduler in DECAYS and not math.isfinite(total) and clock is None:
+        if self.scheduler in options(Decay) and not math.isfinite(total) and clock is None:
             raise UserError(
-                f"model.scheduler={self.scheduler} needs a finite run;"
+                f"optim.scheduler={self.scheduler} needs a finite run;"
                 " set trainer.max_epochs, trainer.max_steps or trainer.max_time."
             )
         floor = self.min_lr / self.lr
@@ -144,7 +129,7 @@ def fused_kernel_allowed(precision: object, clipping: bool, scaler: bool | None 
 
 
 class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warm-up over ``warmup_steps``, then ``shape`` (``DECAYS``, or ``none``: constant) from the LR down to
+    """Linear warm-up over ``warmup_steps``, then ``shape`` (a ``Decay``, or ``none``: constant) from the LR down to
     ``floor`` x LR; ``cooldown``: the fraction of the run in which ``wsd`` decays.
 
     Progress after warm-up is measured in steps out of ``total_steps`` or, when ``clock`` is given (seconds
@@ -182,7 +167,7 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if self.shape not in DECAYS:
+        if self.shape not in options(Decay):
             return 1.0
         p = self.progress(step)
         if self.shape == "cosine":
@@ -201,12 +186,6 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the progress (step, warm-up end time); the shape of the schedule comes from this run's config."""
-        config = (
-            "warmup_steps",
-            "total_steps",
-            "floor",
-            "shape",
-            "cooldown",
-            "cosine",
-        )  # cosine: saved before linear and wsd
+        # "cosine": the flag that checkpoints hold where they have no "shape"
+        config = ("warmup_steps", "total_steps", "floor", "shape", "cooldown", "cosine")
         self.__dict__.update({k: v for k, v in state_dict.items() if k not in config})

@@ -46,7 +46,7 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
         "data.eval_batch_size=2",
         "model.hidden_size=32",
         "model.num_layers=2",
-        "model.lr=0.01",
+        "optim.lr=0.01",
         "trainer=cpu",
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",

@@ -271,12 +271,12 @@ def test_a_second_round_starts_with_the_first_rounds_best_trials(tmp_path):
     lr = optuna.distributions.LogUniformDistribution(1e-3, 1e-1)
     for value in (1.7, 1.5, 1.6):
         first.add_trial(
-            optuna.trial.create_trial(params={"model.lr": value / 100}, distributions={"model.lr": lr}, value=value)
+            optuna.trial.create_trial(params={"optim.lr": value / 100}, distributions={"optim.lr": lr}, value=value)
         )
     main(["--storage", storage, "--study", "r2", "--seed-from", "r1", "--top", "2"])
     second = optuna.load_study(study_name="r2", storage=storage)
     asked = [second.ask() for _ in range(2)]  # as the Hydra sweeper does: ask, then suggest each searched key
-    assert [t.suggest_float("model.lr", 1e-3, 1e-1, log=True) for t in asked] == [0.015, 0.016]
+    assert [t.suggest_float("optim.lr", 1e-3, 1e-1, log=True) for t in asked] == [0.015, 0.016]
     with pytest.raises(SystemExit):  # nothing completed to seed from
         main(["--storage", storage, "--study", "r3", "--seed-from", "r2"])
 

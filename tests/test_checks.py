@@ -46,6 +46,14 @@ def test_number_positive():
         number("lr", 0, 0, low_open=True)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_number_refuses_what_is_not_finite_even_without_a_bound(value):
+    with pytest.raises(UserError, match=r"must be >= 0"):
+        number("optim.weight_decay", value, 0)
+    with pytest.raises(UserError, match=r"must be a number"):
+        number("x", value)
+
+
 def test_flag():
     assert flag("model.layer_norm", False) is False
     with pytest.raises(UserError, match="must be true or false"):

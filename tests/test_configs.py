@@ -15,6 +15,7 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from pytorch_lightning.strategies import DDPStrategy
 
+import charlm.config
 from charlm.callbacks import TextSample
 from charlm.config import DATA_DIR, build
 from charlm.data import CharDataModule
@@ -40,16 +41,18 @@ def plain(cfg) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not k.startswith("_")}
 
 
-def assert_model_is_the_config(model: CharLM, model_cfg, vocab: dict) -> None:
-    settings = plain(model_cfg)
-    assert set(settings) == {f.name for cls in SETTINGS.values() for f in fields(cls)}  # nothing dropped or extra
+def assert_model_is_the_config(model: CharLM, cfg, vocab: dict) -> None:
+    """``model.*`` are RNNConfig's fields and ``optim.*`` OptimConfig's: nothing dropped, nothing extra."""
+    assert set(plain(cfg.model)) == {f.name for f in fields(RNNConfig)}
+    assert set(plain(cfg.optim)) == {f.name for f in fields(OptimConfig)}
+    settings = plain(cfg.model) | plain(cfg.optim)
     for attr, cls in SETTINGS.items():
         built = asdict(getattr(model, attr))
         assert built == {f.name: settings[f.name] for f in fields(cls)} | (
             {"betas": tuple(settings["betas"])} if cls is OptimConfig else {}
         )
     assert dict(model.hparams) == {"vocab": vocab, **settings}  # what a checkpoint rebuilds the model from
-    net, m = model.net, model_cfg
+    net, m = model.net, cfg.model
     layer_cls = CELLS[m.cell][0] if m.impl == "fused" else None
     assert (net.cell, net.num_layers, net.hidden_size, len(net.layers)) == (
         m.cell,
@@ -106,7 +109,7 @@ def test_experiment_builds_what_its_config_says(experiment, tmp_path, cache_dir)
     cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
     dm, model, trainer = build(cfg)
     assert model.net.vocab_size == len(dm.vocab)
-    assert_model_is_the_config(model, cfg.model, dm.vocab.to_dict())
+    assert_model_is_the_config(model, cfg, dm.vocab.to_dict())
     assert_data_is_the_config(dm, cfg.data)
     assert (dm.cache_dir, dm.seed) == (str(cache_dir), cfg.seed)
     assert_trainer_is_the_config(trainer, cfg.trainer)
@@ -120,8 +123,9 @@ def test_experiment_builds_what_its_config_says(experiment, tmp_path, cache_dir)
 
 def test_d2l_preset_is_the_d2l_recipe(tmp_path, cache_dir):
     cfg = compose_train(["experiment=d2l_deep_gru", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
-    m, d = cfg.model, cfg.data
-    assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.optimizer, m.lr) == ("gru", 2, 32, 0, "sgd", 2.0)
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, o.optimizer, o.lr) == ("gru", 2, 32, 0, "sgd", 2.0)
+    assert o.scheduler == "none"
     assert (d.batch_size, d.seq_len, d.preprocess, cfg.trainer.gradient_clip_val) == (1024, 32, "d2l", 1.0)
     dm = instantiate(d)
     assert len(dm.vocab) == 28
@@ -140,7 +144,7 @@ def test_the_default_run_builds_charlm_with_no_settings(tmp_path, cache_dir):
     assert configured.rnn_cfg == bare.rnn_cfg == RNNConfig() and configured.optim_cfg == bare.optim_cfg == OptimConfig()
     shapes = [(name, p.shape) for name, p in bare.named_parameters()]
     assert [(name, p.shape) for name, p in configured.named_parameters()] == shapes
-    assert_model_is_the_config(bare, cfg.model, vocab)
+    assert_model_is_the_config(bare, cfg, vocab)
     assert_trainer_is_the_config(trainer, cfg.trainer)
 
 
@@ -155,10 +159,10 @@ def test_the_default_run_is_the_one_the_readme_measured(tmp_path):
     batch 32 x 64, 30 epochs" on The Time Machine. A changed default in RNNConfig, OptimConfig or CharDataModule
     changes that run."""
     cfg = compose_train([f"paths.output_dir={tmp_path}"])
-    m, d = cfg.model, cfg.data
+    m, d, o = cfg.model, cfg.data, cfg.optim
     assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.dropout) == ("lstm", 2, 256, None, 0.3)
-    assert (m.tie_weights, m.weight_decay) == (True, 0.0)
-    assert (m.optimizer, m.lr, m.scheduler, m.warmup_steps, m.min_lr) == ("adamw", 0.004, "cosine", 20, 0.0)
+    assert (m.tie_weights, o.weight_decay) == (True, 0.0)
+    assert (o.optimizer, o.lr, o.scheduler, o.warmup_steps, o.min_lr) == ("adamw", 0.004, "cosine", 20, 0.0)
     assert (d.batch_size, d.seq_len, d.eval_batch_size, d.sampling, d.preprocess) == (32, 64, 16, "tbptt", "none")
     assert list(d.splits) == [0.9, 0.05, 0.05] and Path(d.path).name == "timemachine.txt"
     assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.trainer.max_time) == (30, 1.0, None)
@@ -175,6 +179,27 @@ def test_every_sampler_uses_the_sampling_defaults(tmp_path):
     assert instantiate(train_cfg.callbacks.text_sample).sampling == SamplingConfig()
     told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9", "stop=ab"])
     assert {name: told[name] for name in default} == {"temperature": 0.5, "top_k": 3, "top_p": 0.9, "stop": "ab"}
+
+
+def test_the_optimiser_settings_keep_their_old_model_keys_with_a_notice(tmp_path, monkeypatch, capsys):
+    """``model.lr`` and the other optimiser settings moved to ``optim.*``: an old key set by an override or by a
+    config file still takes effect (over the new key's value), with one line on stderr, and leaves no copy in
+    ``model``."""
+    monkeypatch.setattr(charlm.config, "_noticed", set())
+    (tmp_path / "conf/experiment").mkdir(parents=True)
+    (tmp_path / "conf/experiment/mine.yaml").write_text("# @package _global_\nmodel:\n  warmup_steps: 7\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    cfg = compose_train([search, "experiment=mine", "model.lr=0.01", "optim.lr=0.5", "model.betas=[0.8,0.9]"])
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.warmup_steps) == (0.01, [0.8, 0.9], 7)
+    assert not {"lr", "betas", "warmup_steps", "scheduler"} & set(cfg.model)
+    notes = capsys.readouterr().err.splitlines()
+    assert sorted(notes) == [
+        f"note: model.{k} is now optim.{k}; model.{k} still works" for k in ("betas", "lr", "warmup_steps")
+    ]
+    assert compose_train(["model=rnn"]).optim.lr == 0.001  # a model preset sets the rate its cell needs
+    assert capsys.readouterr().err == ""
+    untouched = compose_train([])
+    assert untouched.optim == compose_train(["optim=adamw"]).optim and "lr" not in untouched.model
 
 
 # ---- the other groups ----
@@ -234,14 +259,17 @@ def test_multirun_sweep_trains_each_point(tmp_path):
         for o in tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0")
         if not o.startswith("paths.output_dir") and not o.startswith("model.hidden_size")
     ]
-    proc = run_cli("train.py", "-m", "model.hidden_size=8,16", f"hydra.sweep.dir={tmp_path}/sweep", *overrides)
+    sweep = ["-m", "model.hidden_size=8", "model.lr=0.02,0.03", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = run_cli("train.py", *sweep, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("note: model.lr is now optim.lr; model.lr still works") == 1  # the old key sweeps too
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
     # each job's directory says what it is: its number and overrides, without the paths
     assert [j.split("_", 1)[0] for j in jobs] == ["0", "1"]
-    assert "model.hidden_size=8" in jobs[0] and "model.hidden_size=16" in jobs[1] and "data.path" not in jobs[0]
+    assert "model.lr=0.02" in jobs[0] and "model.lr=0.03" in jobs[1] and "data.path" not in jobs[0]
     for job in jobs:
-        assert (tmp_path / "sweep" / job / "checkpoints/last.ckpt").is_file()
+        saved = torch.load(tmp_path / "sweep" / job / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+        assert f"model.lr={saved['lr']}" in job and saved["hidden_size"] == 8
         assert list((tmp_path / "sweep" / job / "tb").glob("events.*"))
 
 

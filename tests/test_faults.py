@@ -301,8 +301,8 @@ def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_p
     _, corpus = run_dir
     out = tmp_path / "blow"
     args = [
-        "model.optimizer=sgd",
-        f"model.lr={lr}",
+        "optim.optimizer=sgd",
+        f"optim.lr={lr}",
         "trainer.gradient_clip_val=0",
         "logger=none",
         f"hydra.run.dir={out}",
@@ -334,7 +334,7 @@ def test_epoch_metrics_do_not_hide_a_nan():
 
 @pytest.mark.parametrize(
     ("hparams", "match"),
-    [({"lr": float("nan")}, "model.lr"), ({"lr": float("inf")}, "model.lr"), ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr")],
+    [({"lr": float("nan")}, "optim.lr"), ({"lr": float("inf")}, "optim.lr"), ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr")],
 )
 def test_non_finite_or_inconsistent_learning_rates_are_refused(hparams, match):
     with pytest.raises(UserError, match=match):
@@ -399,8 +399,8 @@ def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run
         (["model.hidden_size=64", "ckpt_path={run}/checkpoints/last.ckpt"], "has model.hidden_size=32"),
         (["model.proj_size=16", "ckpt_path={run}/checkpoints/last.ckpt"], "has model.proj_size=0"),
         (["data.eval_batch_size=500"], "data.eval_batch_size=500"),
-        (["model.lr=nan"], "model.lr=nan must be a positive finite number"),
-        (["model.min_lr=1"], "model.min_lr=1"),
+        (["optim.lr=nan"], "optim.lr=nan must be positive"),
+        (["optim.min_lr=1"], "optim.min_lr=1"),
         (["on_nonfinite=ignore"], "on_nonfinite"),
     ],
 )
@@ -430,11 +430,11 @@ def test_generate_says_what_to_fix(run_dir, tmp_path):
 
 
 def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rate(run_dir, tmp_path):
-    """The divergence message says to lower model.lr and resume: that lower rate must take effect."""
+    """The divergence message says to lower optim.lr and resume: that lower rate must take effect."""
     out, corpus = run_dir
     saved = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
     resume = [f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=2", "logger=none", "test=false"]
-    train(compose_train(tiny_overrides(corpus, tmp_path / "r", "model.lr=0.005", *resume)))
+    train(compose_train(tiny_overrides(corpus, tmp_path / "r", "optim.lr=0.005", *resume)))
     after = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
     assert saved["lr_schedulers"][0]["base_lrs"] == [0.01] and after["lr_schedulers"][0]["base_lrs"] == [0.005]
     assert after["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.005

@@ -148,7 +148,7 @@ def test_a_tiny_run_learns_context_and_its_checkpoint_generates_text(cell, tmp_p
     corpus.write_text(text, encoding="utf-8")
     counts = collections.Counter(text).values()
     unigram = -sum(n / len(text) * math.log(n / len(text)) for n in counts)  # 2.57 nats
-    extra = (f"model={cell}", "model.dropout=0", "model.lr=0.02", "logger=none", "test=false", "sample_length=0")
+    extra = (f"model={cell}", "model.dropout=0", "optim.lr=0.02", "logger=none", "test=false", "sample_length=0")
     metrics = train(compose_train(tiny_overrides(corpus, tmp_path / "run", *extra)))
     assert metrics["val/loss"] < unigram - 0.5, metrics
     ckpt = tmp_path / "run/checkpoints/best.ckpt"

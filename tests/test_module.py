@@ -60,11 +60,11 @@ def test_zaremba_step_decay_and_cosine_with_warmup(corpus, tmp_path):
                 corpus,
                 step,
                 *extra,
-                "model.optimizer=sgd",
-                "model.lr=1.0",
-                "model.scheduler=step",
-                "model.decay_start=1",
-                "model.decay_factor=0.5",
+                "optim.optimizer=sgd",
+                "optim.lr=1.0",
+                "optim.scheduler=step",
+                "optim.decay_start=1",
+                "optim.decay_factor=0.5",
             )
         )
     )
@@ -77,10 +77,10 @@ def test_zaremba_step_decay_and_cosine_with_warmup(corpus, tmp_path):
                 corpus,
                 cos,
                 *extra,
-                "model.lr=0.01",
-                "model.scheduler=cosine",
-                "model.warmup_steps=10",
-                "model.min_lr=0.001",
+                "optim.lr=0.01",
+                "optim.scheduler=cosine",
+                "optim.warmup_steps=10",
+                "optim.min_lr=0.001",
             )
         )
     )
@@ -175,9 +175,9 @@ def test_decay_shapes_follow_the_clock_from_lr_to_min_lr(shape, expected):
 
 def test_unknown_cooldown_or_shape_is_one_line():
     vocab = CharVocab.from_text("abc").to_dict()
-    with pytest.raises(UserError, match=r"model.cooldown=0 must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"optim.cooldown=0 must be in \(0, 1\]"):
         CharLM(vocab, scheduler="wsd", cooldown=0)
-    with pytest.raises(UserError, match="model.scheduler='exp' is not known; use one of .*linear, wsd"):
+    with pytest.raises(UserError, match="optim.scheduler='exp' is not known; use one of .*linear, wsd"):
         CharLM(vocab, scheduler="exp")
 
 
@@ -226,7 +226,7 @@ def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_pat
     """End to end without timing anything: trainer.max_time (and no step limit) makes CharLM's cosine read the
     Timer callback, (elapsed, remaining) = (0, the budget) before training starts; without max_time it has no
     clock, and an endless run without one is refused."""
-    extra = ["trainer.max_epochs=-1", "model.scheduler=cosine", "logger=none", "callbacks=no_logger"]
+    extra = ["trainer.max_epochs=-1", "optim.scheduler=cosine", "logger=none", "callbacks=no_logger"]
     _, model, trainer = build(
         compose_train(tiny_overrides(corpus, tmp_path / "t", *extra, "trainer.max_time=00:00:01:30"))
     )
@@ -243,7 +243,7 @@ def test_max_time_gives_the_cosine_lightnings_timer_as_its_clock(corpus, tmp_pat
 
     _, model, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "e", *extra)))
     model.trainer = trainer
-    with pytest.raises(UserError, match="model.scheduler=cosine needs a finite run"):
+    with pytest.raises(UserError, match="optim.scheduler=cosine needs a finite run"):
         model.configure_optimizers()
 
 

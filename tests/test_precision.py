@@ -90,8 +90,8 @@ def fused_flag(ckpt: dict) -> bool:
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("optimizer, scheduler", OPTIM)
 def test_a_short_fit_with_clipping_trains_under_every_precision(corpus, tmp_path, precision, optimizer, scheduler):
-    extra = [f"model.optimizer={optimizer}", f"model.scheduler={scheduler}", "model.decay_start=1"]
-    extra += ["model.lr=1.0", "model.momentum=0.9"] if optimizer == "sgd" else ["model.lr=0.03"]
+    extra = [f"optim.optimizer={optimizer}", f"optim.scheduler={scheduler}", "optim.decay_start=1"]
+    extra += ["optim.lr=1.0", "optim.momentum=0.9"] if optimizer == "sgd" else ["optim.lr=0.03"]
     metrics = train(compose_train(short(corpus, tmp_path / "r", precision, *extra)))
     assert metrics["val/loss"] < UNIGRAM - 0.05, metrics  # learned context, not just ran
     ckpt = saved(tmp_path / "r")
@@ -203,10 +203,10 @@ def test_budget_presets_pick_the_recipe_of_the_resolved_precision(tmp_path, monk
     train(cfg)
     assert saved(tmp_path)["hyper_parameters"]["hidden_size"] == cfg.recipes[recipe].hidden_size
     # 32-true forces the fp32 recipe on any machine; the _fp32 alias is that; an explicit value still wins
-    forced = compose_train([f"experiment={experiment}", "trainer.precision=32-true", "model.lr=0.003"])
+    forced = compose_train([f"experiment={experiment}", "trainer.precision=32-true", "optim.lr=0.003"])
     alias = compose_train([f"experiment={experiment}_fp32"])
     assert forced.recipe == alias.recipe == "fp32" and alias.trainer.precision == "32-true"
-    assert forced.model.lr == 0.003 and alias.model.lr == cfg.recipes.fp32.lr
+    assert forced.optim.lr == 0.003 and alias.optim.lr == cfg.recipes.fp32.lr
 
 
 def test_a_run_prints_and_records_its_precision_and_recipe(tmp_path, monkeypatch, capsys):

@@ -20,14 +20,14 @@ CASES = {
     # TBPTT streams with carried state, dropout, cosine annealed over a (step-driven) wall-clock budget.
     "tbptt-cosine-max_time": [
         "data.sampling=tbptt",
-        "model.scheduler=cosine",
+        "optim.scheduler=cosine",
         "trainer.max_time=00:00:02:30",  # 150 steps at StepClock's 1 s per step: stops inside epoch 2
         "+callbacks.clock._target_=tests.probe.StepClock",
     ],
     # random windows drawn per (seed, epoch, rank), dropout, Zaremba's per-epoch step decay.
-    "random-step": ["data.sampling=random", "model.scheduler=step", "model.decay_start=1"],
+    "random-step": ["data.sampling=random", "optim.scheduler=step", "optim.decay_start=1"],
     # TBPTT with windows of 8 for the first 100 steps (into epoch 1), then 16; warm-up, stable, decay by steps.
-    "tbptt-schedule-wsd": ["data.sampling=tbptt", "data.schedule=[[100,4,8]]", "model.scheduler=wsd"],
+    "tbptt-schedule-wsd": ["data.sampling=tbptt", "data.schedule=[[100,4,8]]", "optim.scheduler=wsd"],
 }
 
 
@@ -158,7 +158,7 @@ def test_resume_with_another_number_of_processes_is_refused(corpus, tmp_path):
 def test_a_run_stopped_by_max_steps_resumes_with_larger_limits_as_the_uninterrupted_run(corpus, tmp_path):
     """Stopped by max_steps inside epoch 0, resumed with max_steps=-1: Lightning had counted the cut epoch as
     done, so the resume skipped the rest of it and both validations (84 steps, no best.ckpt)."""
-    case = ["trainer.precision=32-true", "model.scheduler=none"]  # a schedule over max_steps would differ
+    case = ["trainer.precision=32-true", "optim.scheduler=none"]  # a schedule over max_steps would differ
 
     def validations(out: Path) -> list[int]:
         return [int(s) for s in (out / "validations.txt").read_text().split()]

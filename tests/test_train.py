@@ -84,8 +84,8 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(trained):
     names, metrics, values = hparams_entry(out / "tb")
     plain = [n.split(" ", 1)[1] for n in names]
     assert [n.split(" ", 1)[0] for n in names] == [f"{i:02d}" for i in range(1, len(names) + 1)]
-    assert plain[:6] == ["name", "model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "model.lr"]
-    model_keys = {f"model.{f.name}" for cls in (RNNConfig, OptimConfig) for f in fields(cls)}
+    assert plain[:6] == ["name", "model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "optim.lr"]
+    model_keys = {f"model.{f.name}" for f in fields(RNNConfig)} | {f"optim.{f.name}" for f in fields(OptimConfig)}
     data_keys = {f"data.{k}" for k in ("corpus", "unit", "preprocess", "batch_size", "seq_len", "eval_batch_size")}
     data_keys |= {"data.sampling", "data.splits"}
     trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
@@ -136,7 +136,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     """2 epochs + resume to 3 gives bit-identical weights to 3 epochs straight. No dropout (no RNG in the step)
     and no cosine (annealing over 2 epochs is another schedule than over 3); warm-up is kept."""
     out, _, corpus = trained
-    same = ["model.dropout=0", "model.scheduler=none", "test=false"]
+    same = ["model.dropout=0", "optim.scheduler=none", "test=false"]
     straight = tmp_path / "straight"
     train(compose_train(tiny_overrides(corpus, straight, "trainer.max_epochs=3", *same)))
     first = tmp_path / "first"
