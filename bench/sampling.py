@@ -5,9 +5,9 @@ the context; and what int8 costs in bits per character on a trained checkpoint.
     .venv/bin/python -m bench.sampling --hidden 256 --lengths 100 1000
     .venv/bin/python -m bench.sampling --ckpt RUN/checkpoints/best.ckpt --text data/tinyshakespeare.txt --tail 0.1
 
-Three samplers, all at ``SamplingConfig``'s default temperature on the same randomly initialised net (speed
+Three samplers, all at ``GenerationConfig``'s default temperature on the same randomly initialised net (speed
 does not depend on the weights' values):
-- ``charlm``: ``charlm.sampling.generate``: the prompt in one pass, then ``charlm.stepper.Stepper``, which runs
+- ``charlm``: ``charlm.generation.generate``: the prompt in one pass, then ``charlm.stepper.Stepper``, which runs
   the cell equations with layer 0's input projection precomputed per token, on float32 weights (exact).
 - ``charlm int8``: the same with ``quantize="int8"``: weight-only int8 matrices (bf16 activations).
 - ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
@@ -39,16 +39,16 @@ import torch
 
 from bench import ROOT
 from bench.report import table, write_json
+from charlm.generation import GenerationConfig, Stepper, generate, next_token
 from charlm.info import describe, machine_info
 from charlm.model import RNNConfig, RNNStack
 from charlm.module import load_checkpoint
-from charlm.sampling import SamplingConfig, Stepper, generate, next_token
 from charlm.vocab import CharVocab
 
 TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores, float32
 TARGET_INT8 = 6000.0  # chars/s, the same with quantize=int8
 TARGET_INT8_BITS = 0.01  # |int8 bpc - float32 bpc| on a trained model
-SAMPLING = SamplingConfig()  # temperature 0.8
+SAMPLING = GenerationConfig()  # temperature 0.8
 VOCAB = CharVocab.from_text((ROOT / "data/tinyshakespeare.txt").read_text(encoding="utf-8"))  # 65 characters
 
 

@@ -99,7 +99,7 @@ def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
     data = cfg.data
     params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
     params["data.unit"] = data.get("unit", "char")
-    for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "sampling", "splits"):
+    for name in ("preprocess", "batch_size", "seq_len", "eval_batch_size", "batch_order", "splits"):
         params[f"data.{name}"] = OmegaConf.to_container(data[name]) if name == "splits" else data[name]
     t = cfg.trainer
     params |= {f"trainer.{k}": t.get(k) for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}

@@ -16,8 +16,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import Diverged, UserError
+from charlm.generation import GenerationConfig, sample_text
 from charlm.module import logs_step_metrics
-from charlm.sampling import SamplingConfig, sample_text
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -26,21 +26,21 @@ class TextSample(pl.Callback):
     """Log ``length`` sampled characters after ``prompt`` as TensorBoard text, on rank 0, after each validation.
 
     Prompt characters the vocab lacks are skipped, so a preset prompt never stops training. The sampling
-    settings default to ``SamplingConfig``'s, as in ``charlm-generate``; the end-of-run sample uses these.
+    ``settings`` default to ``GenerationConfig``'s, as in ``charlm-generate``; the end-of-run sample uses these.
     """
 
     def __init__(
         self,
         prompt: str = "The ",
         length: int = 200,
-        temperature: float = SamplingConfig.temperature,
-        top_k: int = SamplingConfig.top_k,
-        top_p: float = SamplingConfig.top_p,
-        stop: str | None = SamplingConfig.stop,
+        temperature: float = GenerationConfig.temperature,
+        top_k: int = GenerationConfig.top_k,
+        top_p: float = GenerationConfig.top_p,
+        stop: str | None = GenerationConfig.stop,
         seed: int = 0,
     ):
         self.prompt, self.length, self.seed = prompt, length, seed
-        self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
+        self.settings = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -54,7 +54,7 @@ class TextSample(pl.Callback):
             pl_module.vocab,
             self.prompt,
             self.length,
-            self.sampling,
+            self.settings,
             unknown="skip",
             generator=generator,
         )[0]

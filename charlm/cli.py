@@ -30,8 +30,8 @@ from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build, compose, register
+from charlm.generation import GenerationConfig, sample_text, stream_text
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import SamplingConfig, sample_text, stream_text
 
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
@@ -84,11 +84,11 @@ def report(
         gen = torch.Generator(model.device).manual_seed(cfg.seed)
         # The same prompt and settings as the TensorBoard samples (callbacks.text_sample.*) where there are any.
         shown = next((c for c in trainer.callbacks if isinstance(c, TextSample)), None)
-        prompt, sampling = (shown.prompt, shown.sampling) if shown else ("", SamplingConfig())
-        text = sample_text(model.net, model.vocab, prompt, cfg.sample_length, sampling, unknown="skip", generator=gen)[
+        prompt, settings = (shown.prompt, shown.settings) if shown else ("", GenerationConfig())
+        text = sample_text(model.net, model.vocab, prompt, cfg.sample_length, settings, unknown="skip", generator=gen)[
             0
         ]
-        print(f"sample ({weights} weights, temperature {sampling.temperature}):\n{text}\n")
+        print(f"sample ({weights} weights, temperature {settings.temperature}):\n{text}\n")
     if best:
         print(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
     if trainer.loggers:
@@ -139,26 +139,26 @@ def sample(cfg: DictConfig) -> list[str]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads={threads!r} must be a whole number >= 1, or null for torch's default.")
     # checked before the checkpoint is read
-    sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
+    settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)  # process-wide: set back when the samples are out
     try:
-        return _print_samples(cfg, model, prompt, sampling, device)
+        return _print_samples(cfg, model, prompt, settings, device)
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, sampling: SamplingConfig, device: str) -> list[str]:
+def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: GenerationConfig, device: str) -> list[str]:
     gen = torch.Generator(device).manual_seed(cfg.seed)
     pieces = stream_text(
         model.net,
         model.vocab,
         prompt,
         cfg.length,
-        sampling,
+        settings,
         num_samples=cfg.num_samples,
         unknown=cfg.unknown,
         generator=gen,
@@ -176,7 +176,7 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, sampling: Sampli
     for i, text in enumerate(texts):
         if cfg.format == "jsonl":
             completion = text[len(prompt) :]
-            stopped = bool(sampling.stop and completion) and text.endswith(sampling.stop)
+            stopped = bool(settings.stop and completion) and text.endswith(settings.stop)
             record = {"sample": i + 1, "prompt": prompt, "completion": completion, "stopped": stopped}
             print(json.dumps(record, ensure_ascii=False))
         else:

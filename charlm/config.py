@@ -33,12 +33,12 @@ from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
 from charlm.checkpoint import AtomicCheckpointIO
 from charlm.data import CharDataModule
+from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
 from charlm.runs import check_run_dir, run_id, run_name, run_stamp, safe_name, write_run_record
-from charlm.sampling import SamplingConfig
 from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
 
 PACKAGE = Path(__file__).resolve().parent
@@ -57,7 +57,7 @@ DATA_DIR = _shipped("corpora", "data")  # the shipped corpora: timemachine.txt, 
 # Settings that moved: the old key still works, with a one-line notice. Its node keeps it as an interpolation of
 # the new key, so that overrides, sweeps and search spaces over the old key compose; ``move_renamed`` then moves
 # a value set on it to the new key.
-RENAMED = {f"model.{f.name}": f"optim.{f.name}" for f in fields(OptimConfig)}
+RENAMED = {f"model.{f.name}": f"optim.{f.name}" for f in fields(OptimConfig)} | {"data.sampling": "data.batch_order"}
 _noticed: set[str] = set()  # old keys already reported in this process
 
 
@@ -105,7 +105,7 @@ def data_defaults() -> dict:
 
 def register() -> None:
     """Register what the shipped configs need: the ``${charlm_*:}`` resolvers, and the ``model/base``,
-    ``optim/base``, ``data/base`` and ``sampling`` nodes, which Hydra builds from the Python defaults so that no
+    ``optim/base``, ``data/base`` and ``generation`` nodes, which Hydra builds from the Python defaults so that no
     yaml file restates a default. ``compose`` and the apps (``charlm-train``, ``charlm-generate``) call it before
     Hydra composes; calling it again changes nothing."""
     resolvers = {
@@ -123,10 +123,9 @@ def register() -> None:
     model = {"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults() | old_keys("model")
     store.store(group="model", name="base", node=model)
     store.store(group="optim", name="base", node=optim_defaults())
-    store.store(
-        group="data", name="base", node={"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults()
-    )
-    store.store(name="sampling", node=asdict(SamplingConfig()))
+    data = {"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults() | old_keys("data")
+    store.store(group="data", name="base", node=data)
+    store.store(name="generation", node=asdict(GenerationConfig()))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -12,10 +13,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from charlm import UserError
 from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.cache import load_split, load_tokens
+from charlm.checks import choice
 from charlm.corpus import Preset, Tokenizing, split_paths
 from charlm.vocab import Vocab
 
-SAMPLING = ("tbptt", "random")
+BatchOrder = Literal["tbptt", "random"]  # TBPTT streams in corpus order | independent random windows
 STAGES = ("train", "val", "test")
 
 
@@ -59,7 +61,7 @@ class CharDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seq_len: int = 64,
         eval_batch_size: int = 16,
-        sampling: str = "tbptt",
+        batch_order: BatchOrder = "tbptt",
         unk: str | None = "\ufffd",
         cache_dir: str | None = None,
         seed: int = 0,
@@ -77,25 +79,24 @@ class CharDataModule(pl.LightningDataModule):
         self.split_paths = split_paths(path, train_path, val_path, test_path, split_files)
         if preset:
             Preset(**preset).check(path, split_files or ())
-        if sampling not in SAMPLING:
-            raise UserError(f"data.sampling={sampling!r} is not known; use one of {', '.join(SAMPLING)}.")
+        choice("data.batch_order", batch_order, BatchOrder)
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"data.{name}={value!r} must be a positive integer; set it to 1 or more.")
         if val_chars is not None and (isinstance(val_chars, bool) or not isinstance(val_chars, int) or val_chars < 1):
             raise UserError(f"data.val_chars={val_chars!r} must be a positive integer, or null for the whole split.")
         self.schedule = None if schedule is None else BatchSchedule(schedule, batch_size, seq_len)
-        if self.schedule and sampling == "tbptt":
+        if self.schedule and batch_order == "tbptt":
             for size, width in self.schedule.shapes():
                 if size != batch_size or width > seq_len:
                     raise UserError(
                         f"data.schedule asks for batches of {size} x {width}, but TBPTT streams keep"
                         f" data.batch_size={batch_size} (one stream a row) and at most data.seq_len={seq_len}"
-                        " columns; vary only seq_len, up to data.seq_len, or use data.sampling=random."
+                        " columns; vary only seq_len, up to data.seq_len, or use data.batch_order=random."
                     )
         self.path, self.preprocess, self.splits = path, preprocess, check_splits(splits)
         self.batch_size, self.seq_len, self.eval_batch_size = batch_size, seq_len, eval_batch_size
-        self.sampling, self.unk, self.cache_dir, self.seed = sampling, unk, cache_dir, seed
+        self.batch_order, self.unk, self.cache_dir, self.seed = batch_order, unk, cache_dir, seed
         self.val_chars, self.full_val = val_chars, False
         self._parts: dict[str, np.ndarray] = {}
         self._vocab: Vocab | None = None
@@ -135,7 +136,7 @@ class CharDataModule(pl.LightningDataModule):
                 continue
             batch = self.batch_size if stage == "train" else self.eval_batch_size
             seq_len = self.seq_len
-            if stage == "train" and self.schedule:  # the largest window of random sampling fits the split too
+            if stage == "train" and self.schedule:  # the largest random window fits the split too
                 seq_len = max(t for _, t in self.schedule.shapes())
             need = batch * world_size * seq_len + 1
             if len(part) < need:
@@ -183,7 +184,7 @@ class CharDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         part = self.parts["train"]
         shape = {"schedule": self.schedule, "first_step": self._first_step}
-        if self.sampling == "random":
+        if self.batch_order == "random":
             ds = RandomWindows(
                 part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch, **shape
             )

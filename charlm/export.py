@@ -25,9 +25,9 @@ from torch import nn
 from charlm import UserError, reported_user_errors
 from charlm.checkpoint import write_atomic
 from charlm.config import CONF_DIR
+from charlm.generation import Stepper, start_ids
 from charlm.model import RNNStack
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import Stepper, start_ids
 
 FORMATS = ("onnx",)
 VOCAB_FORMAT = 2  # the layout of <stem>.vocab.json; 2: "chars" for byte models too (format 1: null)

@@ -19,15 +19,15 @@ import charlm.config
 from charlm.callbacks import TextSample
 from charlm.config import DATA_DIR, build
 from charlm.data import CharDataModule
+from charlm.generation import GenerationConfig
 from charlm.model import CELLS, RNNConfig
 from charlm.module import CharLM
 from charlm.optim import OptimConfig
-from charlm.sampling import SamplingConfig
 from tests.conftest import ROOT, compose_generate, compose_train, make_text, run_cli, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
 SETTINGS = {"rnn_cfg": RNNConfig, "optim_cfg": OptimConfig}
-DATA_SETTINGS = ("path", "preprocess", "splits", "batch_size", "seq_len", "eval_batch_size", "sampling", "unk")
+DATA_SETTINGS = ("path", "preprocess", "splits", "batch_size", "seq_len", "eval_batch_size", "batch_order", "unk")
 
 
 @pytest.fixture(scope="module")
@@ -163,39 +163,40 @@ def test_the_default_run_is_the_one_the_readme_measured(tmp_path):
     assert (m.cell, m.num_layers, m.hidden_size, m.embedding_size, m.dropout) == ("lstm", 2, 256, None, 0.3)
     assert (m.tie_weights, o.weight_decay) == (True, 0.0)
     assert (o.optimizer, o.lr, o.scheduler, o.warmup_steps, o.min_lr) == ("adamw", 0.004, "cosine", 20, 0.0)
-    assert (d.batch_size, d.seq_len, d.eval_batch_size, d.sampling, d.preprocess) == (32, 64, 16, "tbptt", "none")
+    assert (d.batch_size, d.seq_len, d.eval_batch_size, d.batch_order, d.preprocess) == (32, 64, 16, "tbptt", "none")
     assert list(d.splits) == [0.9, 0.05, 0.05] and Path(d.path).name == "timemachine.txt"
     assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.trainer.max_time) == (30, 1.0, None)
 
 
 def test_every_sampler_uses_the_sampling_defaults(tmp_path):
     """charlm-generate, the TensorBoard sample and the sample printed after training all draw with
-    SamplingConfig()'s temperature, top_k and top_p unless told otherwise."""
-    default = asdict(SamplingConfig())
+    GenerationConfig()'s temperature, top_k and top_p unless told otherwise."""
+    default = asdict(GenerationConfig())
     generate_cfg = compose_generate([])
     assert {name: generate_cfg[name] for name in default} == default
-    assert TextSample().sampling == SamplingConfig()
+    assert TextSample().settings == GenerationConfig()
     train_cfg = compose_train([f"paths.output_dir={tmp_path}"])
-    assert instantiate(train_cfg.callbacks.text_sample).sampling == SamplingConfig()
+    assert instantiate(train_cfg.callbacks.text_sample).settings == GenerationConfig()
     told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9", "stop=ab"])
     assert {name: told[name] for name in default} == {"temperature": 0.5, "top_k": 3, "top_p": 0.9, "stop": "ab"}
 
 
-def test_the_optimiser_settings_keep_their_old_model_keys_with_a_notice(tmp_path, monkeypatch, capsys):
-    """``model.lr`` and the other optimiser settings moved to ``optim.*``: an old key set by an override or by a
-    config file still takes effect (over the new key's value), with one line on stderr, and leaves no copy in
-    ``model``."""
+def test_moved_settings_keep_their_old_keys_with_a_notice(tmp_path, monkeypatch, capsys):
+    """``model.lr`` and the other optimiser settings moved to ``optim.*``, ``data.sampling`` to
+    ``data.batch_order``: an old key set by an override or by a config file still takes effect (over the new
+    key's value), with one line on stderr, and leaves no copy behind."""
     monkeypatch.setattr(charlm.config, "_noticed", set())
     (tmp_path / "conf/experiment").mkdir(parents=True)
     (tmp_path / "conf/experiment/mine.yaml").write_text("# @package _global_\nmodel:\n  warmup_steps: 7\n")
     search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
-    cfg = compose_train([search, "experiment=mine", "model.lr=0.01", "optim.lr=0.5", "model.betas=[0.8,0.9]"])
+    old = ["model.lr=0.01", "optim.lr=0.5", "model.betas=[0.8,0.9]", "data.sampling=random"]
+    cfg = compose_train([search, "experiment=mine", *old])
     assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.warmup_steps) == (0.01, [0.8, 0.9], 7)
+    assert cfg.data.batch_order == "random" and "sampling" not in cfg.data
     assert not {"lr", "betas", "warmup_steps", "scheduler"} & set(cfg.model)
-    notes = capsys.readouterr().err.splitlines()
-    assert sorted(notes) == [
-        f"note: model.{k} is now optim.{k}; model.{k} still works" for k in ("betas", "lr", "warmup_steps")
-    ]
+    moved = [("data.sampling", "data.batch_order")]
+    moved += [(f"model.{k}", f"optim.{k}") for k in ("betas", "lr", "warmup_steps")]
+    assert sorted(capsys.readouterr().err.splitlines()) == [f"note: {a} is now {b}; {a} still works" for a, b in moved]
     assert compose_train(["model=rnn"]).optim.lr == 0.001  # a model preset sets the rate its cell needs
     assert capsys.readouterr().err == ""
     untouched = compose_train([])

@@ -10,14 +10,14 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-import charlm.sampling
+import charlm.generation
 from bench.events import RunEvents
 from charlm import UserError
 from charlm.cache import load_split, load_tokens
 from charlm.corpus import SEPARATOR, corpus_name
 from charlm.data import CharDataModule
+from charlm.generation import GenerationConfig, stream_text
 from charlm.module import load_checkpoint
-from charlm.sampling import SamplingConfig, stream_text
 from charlm.vocab import ByteVocab, vocab_from_dict
 from tests.conftest import assert_user_error, compose_train, make_text, rnn, run_cli, tiny_overrides
 
@@ -94,14 +94,14 @@ def test_the_stream_decoder_prints_a_character_split_across_steps_once_whole():
 def test_byte_generation_streams_whole_characters_and_stops_on_stop_text(monkeypatch):
     text = "Zürich ✓ done".encode()
     ids = [torch.tensor([b]) for b in text]
-    monkeypatch.setattr(charlm.sampling, "generate", lambda *a, **k: (i for i in ids))
+    monkeypatch.setattr(charlm.generation, "generate", lambda *a, **k: (i for i in ids))
     pieces = [p[0] for p in stream_text(rnn(256, hidden_size=8), ByteVocab(), "Grüße ", len(ids))]
     assert pieces[0] == "Grüße " and "".join(pieces) == "Grüße Zürich ✓ done"
     assert "\ufffd" not in "".join(pieces)
-    stopped = stream_text(rnn(256, hidden_size=8), ByteVocab(), "", len(ids), SamplingConfig(stop="✓"))
+    stopped = stream_text(rnn(256, hidden_size=8), ByteVocab(), "", len(ids), GenerationConfig(stop="✓"))
     assert "".join(p[0] for p in stopped) == "Zürich ✓"
     ids[:] = [torch.tensor([b]) for b in b"ab\xe2Acd"]  # 0xE2 then "A": one step decodes to "\ufffdA"
-    stopped = stream_text(rnn(256, hidden_size=8), ByteVocab(), "", len(ids), SamplingConfig(stop="\ufffd"))
+    stopped = stream_text(rnn(256, hidden_size=8), ByteVocab(), "", len(ids), GenerationConfig(stop="\ufffd"))
     assert "".join(p[0] for p in stopped) == "ab\ufffd"  # cut inside the step's text, just after the stop
 
 

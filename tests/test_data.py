@@ -75,12 +75,12 @@ def test_scheduled_random_windows_take_each_steps_shape_and_resume_to_the_same_w
 
 
 @pytest.mark.parametrize(
-    ("schedule", "sampling", "message"),
+    ("schedule", "batch_order", "message"),
     [
         (
             [[10, 8, 16]],
             "tbptt",
-            r"batches of 8 x 16, but TBPTT streams keep data.batch_size=4 .* data.sampling=random",
+            r"batches of 8 x 16, but TBPTT streams keep data.batch_size=4 .* data.batch_order=random",
         ),
         ([[10, 4, 32]], "tbptt", r"at most data.seq_len=16 columns"),
         ([[10, 4, 8], [5, 4, 8]], "random", r"until_step values \[10, 5\] must increase"),
@@ -89,11 +89,11 @@ def test_scheduled_random_windows_take_each_steps_shape_and_resume_to_the_same_w
         ("10,4,8", "random", r"must be a list of \[until_step, batch_size, seq_len\]"),
     ],
 )
-def test_a_bad_schedule_is_one_line_naming_the_fix(tmp_path, schedule, sampling, message):
+def test_a_bad_schedule_is_one_line_naming_the_fix(tmp_path, schedule, batch_order, message):
     path = tmp_path / "t.txt"
     path.write_text(make_text(), encoding="utf-8")
     with pytest.raises(UserError, match=message):
-        CharDataModule(str(path), batch_size=4, seq_len=16, sampling=sampling, schedule=schedule)
+        CharDataModule(str(path), batch_size=4, seq_len=16, batch_order=batch_order, schedule=schedule)
 
 
 def test_random_windows_reset_every_batch_and_depend_on_epoch_and_rank():

@@ -17,7 +17,7 @@ from charlm.cli import sample, train
 from charlm.config import compose
 from charlm.export import export, export_onnx
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import Stepper
+from charlm.stepper import Stepper
 from tests.conftest import (
     assert_user_error,
     compose_generate,

@@ -24,8 +24,8 @@ from charlm.callbacks import LastCheckpoint, NonFiniteGuard
 from charlm.checkpoint import FORMAT, AtomicCheckpointIO
 from charlm.cli import sample, train
 from charlm.config import build
+from charlm.generation import GenerationConfig, sample_text
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import SamplingConfig, sample_text
 from tests.conftest import ROOT, assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
 
 GOLDEN = ROOT / "tests/golden/v0.1.0.ckpt"
@@ -358,7 +358,7 @@ def test_diverged_is_reported_with_exit_code_3():
 
 def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_path):
     model = load_checkpoint(GOLDEN).eval()
-    assert sample_text(model.net, model.vocab, "abc ", 60, SamplingConfig(temperature=0))[0] == GOLDEN_SAMPLE
+    assert sample_text(model.net, model.vocab, "abc ", 60, GenerationConfig(temperature=0))[0] == GOLDEN_SAMPLE
     (text,) = sample(compose_generate([f"ckpt={GOLDEN}", "prompt='abc '", "length=60", "temperature=0"]))
     assert text == GOLDEN_SAMPLE
     _, corpus = run_dir  # the same tiny text the golden checkpoint was trained on

@@ -29,7 +29,7 @@ LAYERS = [
     "charlm.optim",
     "charlm.checkpoint",
     "charlm.module",
-    "charlm.sampling",
+    "charlm.generation",
     "charlm.callbacks",
     "charlm.slurm",
     "charlm.runs",
@@ -84,17 +84,17 @@ def test_importing_the_library_registers_no_resolvers_or_configs():
     used = {m for path in ROOT.glob("conf/**/*.yaml") for m in re.findall(r"\$\{(charlm_\w+):", path.read_text())}
     assert len(used) >= 7  # charlm_data, _precision, _recipe, _run_id, _run_stamp, _run_name, _safe_name
     code = (
-        "import charlm.module, charlm.sampling, charlm.callbacks, charlm.data, charlm.config, charlm.cli\n"
+        "import charlm.module, charlm.generation, charlm.callbacks, charlm.data, charlm.config, charlm.cli\n"
         "from omegaconf import OmegaConf\n"
         "from hydra.core.config_store import ConfigStore\n"
         "repo = ConfigStore.instance().repo\n"
         f"names = {sorted(used)!r}\n"
         "assert not [name for name in names if OmegaConf.has_resolver(name)]\n"
-        "assert 'base.yaml' not in repo.get('model', {}) and 'sampling.yaml' not in repo\n"
+        "assert 'base.yaml' not in repo.get('model', {}) and 'generation.yaml' not in repo\n"
         "charlm.config.register()\n"
         "charlm.config.register()\n"
         "assert all(OmegaConf.has_resolver(name) for name in names)\n"
-        "assert 'base.yaml' in repo['model'] and 'base.yaml' in repo['data'] and 'sampling.yaml' in repo\n"
+        "assert 'base.yaml' in repo['model'] and 'base.yaml' in repo['data'] and 'generation.yaml' in repo\n"
         "print(charlm.config.compose(['model.hidden_size=8']).model.hidden_size)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

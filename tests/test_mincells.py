@@ -15,7 +15,7 @@ from charlm.cells import project_input
 from charlm.cli import sample, train
 from charlm.mincells import MIN_GATES, MinLayer
 from charlm.module import CharLM
-from charlm.sampling import Stepper
+from charlm.stepper import Stepper
 from tests.conftest import compose_generate, compose_train, make_text, rnn, run_module, tiny_overrides
 
 V = 11

@@ -10,7 +10,7 @@ from charlm import UserError
 from charlm.mincells import MIN_GATES
 from charlm.model import CELLS, RNNConfig, RNNStack
 from charlm.module import CharLM
-from charlm.sampling import Stepper
+from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
 from tests.conftest import rnn
 

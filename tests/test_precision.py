@@ -17,11 +17,11 @@ import torch
 import charlm.hardware
 from charlm import Diverged, UserError
 from charlm.cli import train
+from charlm.generation import GenerationConfig, sample_text
 from charlm.hardware import default_precision, recipe_for
 from charlm.info import describe, machine_info
 from charlm.module import load_checkpoint
 from charlm.optim import fused_kernel_allowed
-from charlm.sampling import SamplingConfig, sample_text
 from tests.conftest import ROOT, compose_train, make_text, run_cli, run_module, tiny_overrides
 from tests.test_train import hparams_entry
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_of_every_precision_reloads_and_samples(fitted):
     precision, out = fitted
     model = load_checkpoint(out / "checkpoints/best.ckpt").eval()
     assert next(model.parameters()).dtype == torch.float32  # mixed precision keeps fp32 weights
-    text = sample_text(model.net, model.vocab, "ab", 40, SamplingConfig(temperature=0))[0]
+    text = sample_text(model.net, model.vocab, "ab", 40, GenerationConfig(temperature=0))[0]
     assert text.startswith("ab") and len(text) == 42 and set(text) <= set(make_text())
 
 

@@ -19,15 +19,15 @@ STEPS_PER_EPOCH = 84
 CASES = {
     # TBPTT streams with carried state, dropout, cosine annealed over a (step-driven) wall-clock budget.
     "tbptt-cosine-max_time": [
-        "data.sampling=tbptt",
+        "data.batch_order=tbptt",
         "optim.scheduler=cosine",
         "trainer.max_time=00:00:02:30",  # 150 steps at StepClock's 1 s per step: stops inside epoch 2
         "+callbacks.clock._target_=tests.probe.StepClock",
     ],
     # random windows drawn per (seed, epoch, rank), dropout, Zaremba's per-epoch step decay.
-    "random-step": ["data.sampling=random", "optim.scheduler=step", "optim.decay_start=1"],
+    "random-step": ["data.batch_order=random", "optim.scheduler=step", "optim.decay_start=1"],
     # TBPTT with windows of 8 for the first 100 steps (into epoch 1), then 16; warm-up, stable, decay by steps.
-    "tbptt-schedule-wsd": ["data.sampling=tbptt", "data.schedule=[[100,4,8]]", "optim.scheduler=wsd"],
+    "tbptt-schedule-wsd": ["data.batch_order=tbptt", "data.schedule=[[100,4,8]]", "optim.scheduler=wsd"],
 }
 
 

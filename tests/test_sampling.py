@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from charlm import UserError
-from charlm.sampling import SamplingConfig, Stepper, generate, next_token, sample_text, start_ids, stream_text
+from charlm.generation import GenerationConfig, Stepper, generate, next_token, sample_text, start_ids, stream_text
 from charlm.vocab import CharVocab
 from tests.conftest import rnn
 
 VOCAB = CharVocab.from_text("abcdefghij ", unk="?")
-GREEDY = SamplingConfig(temperature=0)
+GREEDY = GenerationConfig(temperature=0)
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_bad_generation_arguments_fail_before_any_output(net, kwargs, match):
 )
 def test_bad_sampling_settings_are_refused_on_construction(kwargs, match):
     with pytest.raises(UserError, match=re.escape(match)):
-        SamplingConfig(**kwargs)
+        GenerationConfig(**kwargs)
 
 
 def test_unknown_prompt_characters_policies(net):
@@ -120,7 +120,7 @@ def test_unknown_prompt_characters_policies(net):
     hook = net.register_forward_hook(record)
     sampled = {}
     for prompt, policy in (("aXb", "skip"), ("ab", "error"), ("aXb", "unk"), ("a?b", "error")):
-        ids = generate(net, VOCAB, prompt, 40, SamplingConfig(temperature=1.0), unknown=policy, generator=seeded())
+        ids = generate(net, VOCAB, prompt, 40, GenerationConfig(temperature=1.0), unknown=policy, generator=seeded())
         sampled[prompt, policy] = torch.stack(list(ids), 1)[0].tolist()
     hook.remove()
     assert [x.tolist() for x in fed] == [[[a, b]], [[a, b]], [[a, unk, b]], [[a, unk, b]]]
@@ -166,13 +166,13 @@ def test_generation_gives_the_same_text_as_stepping_the_forward_pass(net):
     """generate() steps through the cell equations; stepping net.forward one character at a time (the slow
     path it replaced) must produce the very same sampled characters."""
     prompt, length = "abc", 300
-    fast = torch.stack(list(generate(net, VOCAB, prompt, length, generator=seeded(3))), 1)  # SamplingConfig()
+    fast = torch.stack(list(generate(net, VOCAB, prompt, length, generator=seeded(3))), 1)  # GenerationConfig()
     g = seeded(3)
     slow = []
     with torch.no_grad():
         logits, state = net(torch.tensor([VOCAB.encode(prompt).tolist()]))
         for _ in range(length):
-            ids = next_token(logits[:, -1], SamplingConfig().temperature, generator=g)
+            ids = next_token(logits[:, -1], GenerationConfig().temperature, generator=g)
             slow.append(ids)
             logits, state = net(ids[:, None], state)
     assert fast[0].tolist() == torch.stack(slow, 1)[0].tolist()
@@ -181,7 +181,7 @@ def test_generation_gives_the_same_text_as_stepping_the_forward_pass(net):
 def test_stop_ends_each_stream_at_its_first_stop_text_and_nothing_else_changes(net):
     gen = lambda: torch.Generator().manual_seed(6)  # noqa: E731
     free = sample_text(net, VOCAB, "ab", 60, num_samples=6, generator=gen())
-    stopped = sample_text(net, VOCAB, "ab", 60, SamplingConfig(stop=" a"), num_samples=6, generator=gen())
+    stopped = sample_text(net, VOCAB, "ab", 60, GenerationConfig(stop=" a"), num_samples=6, generator=gen())
     hits = 0
     for whole, cut in zip(free, stopped, strict=True):
         at = whole.find(" a", 1)  # the first occurrence a generated character completes ("ab" holds none)
@@ -194,7 +194,7 @@ def test_stop_ends_each_stream_at_its_first_stop_text_and_nothing_else_changes(n
 def test_stop_text_may_begin_in_the_prompt_and_generation_ends_when_every_stream_stopped(net):
     (first,) = sample_text(net, VOCAB, "ab", 1, GREEDY)
     stop = "b" + first[-1]  # completed by the first generated character, begun by the prompt
-    pieces = list(stream_text(net, VOCAB, "ab", 50, SamplingConfig(temperature=0, stop=stop), num_samples=2))
+    pieces = list(stream_text(net, VOCAB, "ab", 50, GenerationConfig(temperature=0, stop=stop), num_samples=2))
     assert len(pieces) == 2  # the prompt, one character: no further steps were computed
     assert ["".join(p) for p in zip(*pieces, strict=True)] == [first, first]
 
@@ -202,7 +202,7 @@ def test_stop_text_may_begin_in_the_prompt_and_generation_ends_when_every_stream
 @pytest.mark.parametrize("stop", ["", 3])
 def test_a_bad_stop_text_is_a_one_line_error(stop):
     with pytest.raises(UserError, match="must be non-empty text"):
-        SamplingConfig(stop=stop)
+        GenerationConfig(stop=stop)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "minlstm"])

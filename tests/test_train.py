@@ -87,7 +87,7 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(trained):
     assert plain[:6] == ["name", "model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "optim.lr"]
     model_keys = {f"model.{f.name}" for f in fields(RNNConfig)} | {f"optim.{f.name}" for f in fields(OptimConfig)}
     data_keys = {f"data.{k}" for k in ("corpus", "unit", "preprocess", "batch_size", "seq_len", "eval_batch_size")}
-    data_keys |= {"data.sampling", "data.splits"}
+    data_keys |= {"data.batch_order", "data.splits"}
     trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
     trainer_keys |= {"trainer.precision", "trainer.processes"}
     assert set(plain) == {"name", "seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks
@@ -379,16 +379,16 @@ def test_folder_and_pre_split_corpora_train_through_the_config(tmp_path):
     assert math.isfinite(metrics["test/bpc"])
 
 
-@pytest.mark.parametrize("sampling", ["tbptt", "random"])
-def test_a_batch_schedule_reaches_the_trainer_by_the_run_step(tmp_path, sampling):
+@pytest.mark.parametrize("batch_order", ["tbptt", "random"])
+def test_a_batch_schedule_reaches_the_trainer_by_the_run_step(tmp_path, batch_order):
     """data.schedule from the command line: every training batch has the shape the schedule gives its global step,
     across the epoch boundary (epoch 1 starts inside the second phase), then data.batch_size x data.seq_len."""
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(make_text(), encoding="utf-8")
     out = tmp_path / "out"
-    size = 4 if sampling == "tbptt" else 2  # TBPTT streams keep their batch size; random windows need not
+    size = 4 if batch_order == "tbptt" else 2  # TBPTT streams keep their batch size; random windows need not
     schedule = [[30, size, 4], [100, 4, 8]]
-    extra = [f"data.sampling={sampling}", f"data.schedule={json.dumps(schedule).replace(' ', '')}"]
+    extra = [f"data.batch_order={batch_order}", f"data.schedule={json.dumps(schedule).replace(' ', '')}"]
     extra += ["test=false", "sample_length=0", "logger=none", "callbacks=no_logger"]
     extra += ["+callbacks.shapes._target_=tests.probe.RecordShapes", f"+callbacks.shapes.out={tmp_path}"]
     train(compose_train(tiny_overrides(corpus, out, *extra)))

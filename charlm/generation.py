@@ -15,7 +15,7 @@ from charlm.vocab import Vocab
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
+class GenerationConfig:
     """How each next character is drawn: the one home of these settings and their defaults, shared by
     ``generate.py``, the sample printed at the end of training and the TensorBoard sample callback."""
 
@@ -29,7 +29,7 @@ class SamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserError(
-                    f"{name}={value!r} must be a finite number; e.g. {name}={getattr(SamplingConfig, name)}."
+                    f"{name}={value!r} must be a finite number; e.g. {name}={getattr(GenerationConfig, name)}."
                 )
         if self.temperature < 0:
             raise UserError(f"temperature={self.temperature} must be >= 0 (0 is greedy); e.g. temperature=0.8.")
@@ -85,7 +85,7 @@ def generate(
     vocab: Vocab,
     prompt: str = "",
     length: int = 200,
-    sampling: SamplingConfig = SamplingConfig(),
+    settings: GenerationConfig = GenerationConfig(),
     *,
     num_samples: int = 1,
     unknown: str = "error",
@@ -104,14 +104,14 @@ def generate(
     x = torch.tensor(start_ids(vocab, prompt, unknown), device=device).expand(num_samples, -1)  # [N, P]
     if quantize not in QUANTIZE:
         raise UserError(f"quantize={quantize!r} is not known; use quantize=none (exact) or quantize=int8.")
-    return _steps(net, x, length, sampling, generator, quantize)
+    return _steps(net, x, length, settings, generator, quantize)
 
 
 def _steps(
     net: RNNStack,
     x: torch.Tensor,
     length: int,
-    sampling: SamplingConfig,
+    settings: GenerationConfig,
     generator: torch.Generator | None,
     quantize: str,
 ) -> Iterator[torch.Tensor]:
@@ -122,7 +122,7 @@ def _steps(
         logits = logits[:, -1]
     for i in range(length):
         with torch.inference_mode():
-            ids = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)  # [N]
+            ids = next_token(logits, settings.temperature, settings.top_k, settings.top_p, generator)  # [N]
             if i + 1 < length:
                 logits, layers = step.advance(ids, layers)  # [N, V]
         yield ids
@@ -133,7 +133,7 @@ def stream_text(
     vocab: Vocab,
     prompt: str = "",
     length: int = 200,
-    sampling: SamplingConfig = SamplingConfig(),
+    settings: GenerationConfig = GenerationConfig(),
     *,
     num_samples: int = 1,
     unknown: str = "error",
@@ -145,7 +145,7 @@ def stream_text(
     Checks everything before the first yield, as ``generate`` does; ``"".join`` of a sample's pieces is
     the sample. With ``data.unit=byte`` a step's piece is "" until the bytes of a character are complete (and
     U+FFFD for bytes that form none); the last yield then flushes a character cut by the end. With
-    ``sampling.stop``, a sample ends with (and includes) the first occurrence of the stop text that generated
+    ``settings.stop``, a sample ends with (and includes) the first occurrence of the stop text that generated
     text completes; it yields "" from then on, and generation ends once every sample has stopped (or after
     ``length`` tokens)."""
     steps = generate(
@@ -153,14 +153,14 @@ def stream_text(
         vocab,
         prompt,
         length,
-        sampling,
+        settings,
         num_samples=num_samples,
         unknown=unknown,
         generator=generator,
         quantize=quantize,
     )
     yield [prompt] * num_samples
-    decode, stop = vocab.stream_decoder(num_samples), sampling.stop
+    decode, stop = vocab.stream_decoder(num_samples), settings.stop
     keep = len(stop or "") - 1  # a stop text may begin in the prompt or earlier text: carry that much
     tails = [prompt[len(prompt) - keep :] if keep > 0 else ""] * num_samples
     running = [True] * num_samples
@@ -198,9 +198,9 @@ def sample_text(
     vocab: Vocab,
     prompt: str = "",
     length: int = 200,
-    sampling: SamplingConfig = SamplingConfig(),
+    settings: GenerationConfig = GenerationConfig(),
     **kwargs,
 ) -> list[str]:
     """Whole samples as strings, each starting with the prompt (``kwargs``: those of ``stream_text``)."""
-    pieces = list(stream_text(net, vocab, prompt, length, sampling, **kwargs))
+    pieces = list(stream_text(net, vocab, prompt, length, settings, **kwargs))
     return ["".join(chunks) for chunks in zip(*pieces, strict=True)]
