@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -15,11 +16,12 @@ from pytorch_lightning.callbacks import Checkpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from charlm import Diverged, UserError
+from charlm import Diverged
+from charlm.checks import choice, number, whole
 from charlm.generation import GenerationConfig, sample_text
 from charlm.module import logs_step_metrics
 
-NONFINITE_POLICIES = ("stop", "skip")
+NonFinitePolicy = Literal["stop", "skip"]  # a non-finite loss or gradient: stop the run | skip the step
 
 
 class TextSample(pl.Callback):
@@ -82,8 +84,8 @@ class LastCheckpoint(Checkpoint):
         every_n_minutes: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if every_n_train_steps < 0 or every_n_minutes < 0:
-            raise UserError("callbacks.last_checkpoint.every_n_train_steps / every_n_minutes must be >= 0.")
+        whole("callbacks.last_checkpoint.every_n_train_steps", every_n_train_steps, 0, example="0 (off)")
+        number("callbacks.last_checkpoint.every_n_minutes", every_n_minutes, 0, example="5 (0: off)")
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.every_n_train_steps, self.every_n_minutes, self.clock = every_n_train_steps, every_n_minutes, clock
         self._last_save_time = 0.0
@@ -132,13 +134,10 @@ class NonFiniteGuard(pl.Callback):
 
     MAX_OVERFLOWS = 40  # consecutive overflow steps: the scaler's scale has halved 40 times (2^16 -> 2^-24)
 
-    def __init__(self, policy: str = "stop", loss_limit: float | None = 3.0):
-        if policy not in NONFINITE_POLICIES:
-            raise UserError(f"on_nonfinite={policy!r} is not known; use on_nonfinite=stop or on_nonfinite=skip.")
-        if loss_limit is not None and (
-            isinstance(loss_limit, bool) or not isinstance(loss_limit, int | float) or not loss_limit > 1
-        ):
-            raise UserError(f"loss_limit={loss_limit!r} must be a number > 1 (or null: off); e.g. loss_limit=3.")
+    def __init__(self, policy: NonFinitePolicy = "stop", loss_limit: float | None = 3.0):
+        choice("on_nonfinite", policy, NonFinitePolicy)
+        if loss_limit is not None:
+            number("loss_limit", loss_limit, 1, low_open=True, example="3 (null: off)")
         self.policy, self.loss_limit = policy, loss_limit
         self.skipped = self.overflows = self.overflows_in_a_row = 0
         self.first_loss: float | None = None
@@ -266,8 +265,7 @@ class Throughput(pl.Callback):
     (``logs_step_metrics``). ``clock`` is injectable for tests."""
 
     def __init__(self, window: int = 50, clock: Callable[[], float] = time.monotonic):
-        if window < 1:
-            raise UserError(f"callbacks.throughput.window={window} must be at least 1.")
+        whole("callbacks.throughput.window", window, 1, example=50)
         self.window, self.clock = window, clock
         self._marks: list[tuple[float, int]] = []  # (time, characters trained so far) at each step
 

@@ -179,6 +179,13 @@ def gather_objects(obj) -> list:
     return out
 
 
+def required_ckpt(ckpt: object) -> Path:
+    """``ckpt=`` of charlm-generate and charlm-export as a path; refuse a missing one before any work."""
+    if not ckpt:
+        raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
+    return Path(str(ckpt))
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, bytes]:
     """The checkpoint at ``path`` as plain data (``weights_only``: tensors and plain data, never pickled code),
     migrated to the current format, plus its bytes; every way it can be wrong is a one-line UserError."""

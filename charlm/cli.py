@@ -14,6 +14,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import hydra
 import pytorch_lightning as pl
@@ -29,6 +30,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
+from charlm.checkpoint import required_ckpt
+from charlm.checks import choice, whole
 from charlm.config import CONF_DIR, build, compose, register
 from charlm.generation import GenerationConfig, sample_text, stream_text
 from charlm.module import CharLM, load_checkpoint
@@ -95,7 +98,7 @@ def report(
         print(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
 
 
-FORMATS = ("text", "jsonl")
+Format = Literal["text", "jsonl"]  # charlm-generate's output: streamed text | one JSON object per sample
 
 
 def read_prompt(cfg: DictConfig) -> str:
@@ -124,10 +127,8 @@ def sample(cfg: DictConfig) -> list[str]:
     ``format=text``: one sample streams to stdout as it is produced; several are printed one per block, each
     after a ``--- sample i/N ---`` line. ``format=jsonl``: one JSON object per sample and line,
     ``{"sample": i, "prompt": ..., "completion": ..., "stopped": true if the stop text ended it}``."""
-    if not cfg.ckpt:
-        raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
-    if cfg.format not in FORMATS:
-        raise UserError(f"format={cfg.format!r} is not known; use one of {', '.join(FORMATS)}.")
+    ckpt = required_ckpt(cfg.ckpt)
+    choice("format", cfg.format, Format)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
     try:
         torch.device(device)
@@ -136,13 +137,13 @@ def sample(cfg: DictConfig) -> list[str]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
     threads = cfg.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UserError(f"threads={threads!r} must be a whole number >= 1, or null for torch's default.")
+    if threads is not None:
+        whole("threads", threads, 1, example="1 (null: torch's default)")
     # checked before the checkpoint is read
     settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
-    model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()
+    model = load_checkpoint(ckpt, map_location=device, **overrides).eval()
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)  # process-wide: set back when the samples are out
     try:

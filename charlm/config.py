@@ -8,7 +8,6 @@ and build through here, so a run in a test is the run a user gets. Importing thi
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
 from charlm.checkpoint import AtomicCheckpointIO
+from charlm.checks import number, whole
 from charlm.data import CharDataModule
 from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
@@ -161,12 +161,6 @@ def check_trainer(cfg: DictConfig) -> None:
     """Type-check the Trainer settings (and the seed) that Lightning only checks once training runs, after files
     are written, or refuses without naming the fix."""
     t = cfg.trainer
-
-    def whole(name: str, minimum: int) -> None:
-        value = t.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise UserError(f"trainer.{name}={value!r} must be a whole number >= {minimum}; e.g. trainer.{name}=10.")
-
     for name, minimum in (
         ("max_epochs", -1),
         ("max_steps", -1),
@@ -174,22 +168,20 @@ def check_trainer(cfg: DictConfig) -> None:
         ("log_every_n_steps", 1),
         ("num_nodes", 1),
     ):
-        whole(name, minimum)
+        if t.get(name) is not None:
+            whole(f"trainer.{name}", t.get(name), minimum, example=10)
     for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
         value = t.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise UserError(f"trainer.{name}={value!r} must be a fraction (float) or a number of batches (int).")
-    clip = t.get("gradient_clip_val")
-    if clip is not None and (not isinstance(clip, int | float) or not math.isfinite(clip) or clip < 0):
-        raise UserError(f"trainer.gradient_clip_val={clip!r} must be a finite number >= 0 (0 or null: no clipping).")
+    if t.get("gradient_clip_val") is not None:
+        number("trainer.gradient_clip_val", t.gradient_clip_val, 0, example="1.0 (0 or null: no clipping)")
     max_time = t.get("max_time")
     if isinstance(max_time, str) and not MAX_TIME.fullmatch(max_time.strip()):
         raise UserError(f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; e.g. trainer.max_time=00:00:05:00.")
     check_devices(t)
     check_slurm_shape(t.get("num_nodes", 1), t.get("devices"))
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise UserError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1; e.g. seed=0.")
+    whole("seed", cfg.get("seed"), 0, maximum=2**32 - 1, example=0)
 
 
 def check_devices(t: DictConfig) -> None:

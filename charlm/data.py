@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from charlm import UserError
 from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.cache import load_split, load_tokens
-from charlm.checks import choice
+from charlm.checks import choice, whole
 from charlm.corpus import Preset, Tokenizing, split_paths
 from charlm.vocab import Vocab
 
@@ -80,11 +80,11 @@ class CharDataModule(pl.LightningDataModule):
         if preset:
             Preset(**preset).check(path, split_files or ())
         choice("data.batch_order", batch_order, BatchOrder)
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"data.{name}={value!r} must be a positive integer; set it to 1 or more.")
-        if val_chars is not None and (isinstance(val_chars, bool) or not isinstance(val_chars, int) or val_chars < 1):
-            raise UserError(f"data.val_chars={val_chars!r} must be a positive integer, or null for the whole split.")
+        whole("data.batch_size", batch_size, 1, example=32)
+        whole("data.seq_len", seq_len, 1, example=64)
+        whole("data.eval_batch_size", eval_batch_size, 1, example=16)
+        if val_chars is not None:
+            whole("data.val_chars", val_chars, 1, example="500000 (null: the whole split)")
         self.schedule = None if schedule is None else BatchSchedule(schedule, batch_size, seq_len)
         if self.schedule and batch_order == "tbptt":
             for size, width in self.schedule.shapes():

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from charlm import UserError, reported_user_errors
-from charlm.checkpoint import write_atomic
+from charlm.checkpoint import required_ckpt, write_atomic
 from charlm.config import CONF_DIR
 from charlm.generation import Stepper, start_ids
 from charlm.model import RNNStack
@@ -121,12 +121,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def export(cfg: DictConfig) -> tuple[Path, Path]:
     """Check the settings, load ``cfg.ckpt``, write the model in ``cfg.format``; return the paths written."""
-    if not cfg.ckpt:
-        raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
+    ckpt = required_ckpt(cfg.ckpt)
     if cfg.format not in FORMATS:
         raise UserError(f"format={cfg.format!r} is not a known export format; use one of: {', '.join(FORMATS)}.")
     require_onnx()
-    ckpt = Path(cfg.ckpt)
     onnx_path = Path(cfg.out) if cfg.out else ckpt.with_suffix(".onnx")
     targets = (onnx_path, vocab_path_for(onnx_path))
     for path in targets:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from charlm import UserError
+from charlm.checks import number, whole
 from charlm.model import RNNStack
-from charlm.stepper import QUANTIZE, Stepper
+from charlm.stepper import Stepper
 from charlm.vocab import Vocab
 
 
@@ -25,27 +25,16 @@ class GenerationConfig:
     stop: str | None = None  # a sample ends with the first occurrence of this text after the prompt (None = off)
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise UserError(
-                    f"{name}={value!r} must be a finite number; e.g. {name}={getattr(GenerationConfig, name)}."
-                )
-        if self.temperature < 0:
-            raise UserError(f"temperature={self.temperature} must be >= 0 (0 is greedy); e.g. temperature=0.8.")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UserError(f"top_k={self.top_k} must be a whole number >= 0 (0 disables it).")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables it).")
+        number("temperature", self.temperature, 0, example=0.8)
+        whole("top_k", self.top_k, 0, example="0 (off)")
+        number("top_p", self.top_p, 0, 1, low_open=True, example="1 (off)")
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             raise UserError(f"stop={self.stop!r} must be non-empty text, e.g. stop='\\n\\n'; leave it out for none.")
 
 
 def check_length(length: int, num_samples: int) -> None:
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise UserError(f"length={length!r} must be a whole number >= 0; e.g. length=500.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise UserError(f"num_samples={num_samples!r} must be a whole number >= 1.")
+    whole("length", length, 0, example=500)
+    whole("num_samples", num_samples, 1, example=4)
 
 
 def next_token(
@@ -102,22 +91,20 @@ def generate(
     check_length(length, num_samples)
     device = next(net.parameters()).device
     x = torch.tensor(start_ids(vocab, prompt, unknown), device=device).expand(num_samples, -1)  # [N, P]
-    if quantize not in QUANTIZE:
-        raise UserError(f"quantize={quantize!r} is not known; use quantize=none (exact) or quantize=int8.")
-    return _steps(net, x, length, settings, generator, quantize)
+    step = Stepper(net, quantize)  # built now, so that a bad quantize is refused now; then one character at a time
+    return _steps(net, step, x, length, settings, generator)
 
 
 def _steps(
     net: RNNStack,
+    step: Stepper,
     x: torch.Tensor,
     length: int,
     settings: GenerationConfig,
     generator: torch.Generator | None,
-    quantize: str,
 ) -> Iterator[torch.Tensor]:
     with torch.inference_mode():
         logits, state = net(x)  # the whole prompt in one pass: [N, P, V]
-        step = Stepper(net, quantize)  # then one character at a time through the cell equations
         layers = step.split(state)
         logits = logits[:, -1]
     for i in range(length):

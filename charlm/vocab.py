@@ -7,13 +7,14 @@ import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 
 from charlm import UserError
+from charlm.checks import choice
 
-UNKNOWN_POLICIES = ("error", "unk", "skip")
+Unknown = Literal["error", "unk", "skip"]  # what encode does with characters outside the vocab
 CODE_POINTS = 0x110000  # every Unicode code point is below this
 _CHUNK = 1 << 16  # characters encoded per step: the 256 KiB UTF-32 scratch stays in cache, and malloc reuses it
 
@@ -140,14 +141,13 @@ class CharVocab:
         """Smallest unsigned dtype that holds every id: uint8 up to 256 chars, else uint16, else uint32."""
         return np.dtype(np.uint8 if len(self) <= 1 << 8 else np.uint16 if len(self) <= 1 << 16 else np.uint32)
 
-    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+    def encode(self, text: str, unknown: Unknown = "error") -> np.ndarray:
         """Encode ``text`` to ids of ``self.dtype``, chunk by chunk through the lookup table.
 
         ``unknown`` decides characters outside the vocab: ``error`` raises a UserError listing them,
         ``unk`` maps them to the unk character, ``skip`` drops them.
         """
-        if unknown not in UNKNOWN_POLICIES:
-            raise UserError(f"unknown={unknown!r} is not a policy; use one of {', '.join(UNKNOWN_POLICIES)}.")
+        choice("unknown", unknown, Unknown)
         if unknown == "unk" and self.unk is None:
             raise UserError("unknown=unk needs a vocab with an unk character; use unknown=skip or unknown=error.")
         parts = []
@@ -217,10 +217,9 @@ class ByteVocab:
     def __repr__(self) -> str:
         return "ByteVocab(size=256)"
 
-    def encode(self, text: str | bytes, unknown: str = "error") -> np.ndarray:
+    def encode(self, text: str | bytes, unknown: Unknown = "error") -> np.ndarray:
         """UTF-8 bytes of ``text`` as ids; every byte is in the vocab, so ``unknown`` never applies."""
-        if unknown not in UNKNOWN_POLICIES:
-            raise UserError(f"unknown={unknown!r} is not a policy; use one of {', '.join(UNKNOWN_POLICIES)}.")
+        choice("unknown", unknown, Unknown)
         raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return np.frombuffer(raw, dtype=np.uint8).copy()
 

@@ -230,9 +230,11 @@ def test_whitespace_only_corpus_is_empty(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": 0}, "data.batch_size=0 must be a positive integer"),
-        ({"seq_len": 2.5}, "data.seq_len=2.5 must be a positive integer"),
-        ({"eval_batch_size": "abc"}, "data.eval_batch_size='abc' must be a positive integer"),
+        ({"batch_size": 0}, "data.batch_size=0 must be a whole number >= 1; e.g. data.batch_size=32."),
+        ({"seq_len": 2.5}, "data.seq_len=2.5 must be a whole number >= 1"),
+        ({"eval_batch_size": "abc"}, "data.eval_batch_size='abc' must be a whole number >= 1"),
+        ({"val_chars": 0}, "data.val_chars=0 must be a whole number >= 1; e.g. data.val_chars=500000 (null: the whole"),
+        ({"batch_order": "shuffled"}, "data.batch_order='shuffled' is not known; use one of tbptt, random."),
     ],
 )
 def test_bad_batch_shapes_are_one_line_errors(kwargs, match, tmp_path):

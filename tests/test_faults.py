@@ -318,7 +318,7 @@ def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_p
 def test_a_bad_loss_limit_is_one_line(run_dir, tmp_path, value):
     _, corpus = run_dir
     proc = run_cli("train.py", *tiny_overrides(corpus, tmp_path / "r", f"loss_limit={value}"))
-    assert_user_error(proc, "must be a number > 1 (or null: off); e.g. loss_limit=3.")
+    assert_user_error(proc, "must be > 1; e.g. loss_limit=3 (null: off).")
 
 
 def tiny_vocab() -> dict:

@@ -74,7 +74,8 @@ def test_low_temperature_sharpens():
         ({"length": 2.5}, "length=2.5 must be a whole number"),
         ({"num_samples": 0}, "num_samples=0 must be a whole number >= 1"),
         ({"prompt": "xyz"}, "not in the vocab"),
-        ({"unknown": "ignore"}, "not a policy"),
+        ({"unknown": "ignore"}, "unknown='ignore' is not known; use one of error, unk, skip."),
+        ({"quantize": "int4"}, "quantize='int4' is not known"),
     ],
 )
 def test_bad_generation_arguments_fail_before_any_output(net, kwargs, match):
@@ -86,12 +87,13 @@ def test_bad_generation_arguments_fail_before_any_output(net, kwargs, match):
     ("kwargs", "match"),
     [
         ({"temperature": -1.0}, "temperature=-1.0 must be >= 0"),
-        ({"temperature": float("nan")}, "temperature=nan must be a finite number"),
+        ({"temperature": float("nan")}, "temperature=nan must be >= 0; e.g. temperature=0.8."),
+        ({"temperature": float("inf")}, "temperature=inf must be >= 0"),
         ({"top_k": -2}, "top_k=-2 must be a whole number >= 0"),
         ({"top_k": 1.5}, "top_k=1.5 must be a whole number >= 0"),
         ({"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
         ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
-        ({"temperature": True}, "temperature=True must be a finite number"),
+        ({"temperature": True}, "temperature=True must be >= 0"),
     ],
 )
 def test_bad_sampling_settings_are_refused_on_construction(kwargs, match):

@@ -270,7 +270,7 @@ def test_prompt_file_reads_the_prompt_and_follows_unknown(trained, tmp_path, cap
         (["prompt_file={tmp}/latin1.txt"], "is not UTF-8 text (bad byte at offset 1)"),
         (["stop=''"], "stop='' must be non-empty text"),
         (["format=xml"], "format='xml' is not known; use one of text, jsonl."),
-        (["threads=0"], "threads=0 must be a whole number >= 1, or null for torch's default."),
+        (["threads=0"], "threads=0 must be a whole number >= 1; e.g. threads=1 (null: torch's default)."),
     ],
 )
 def test_sampler_options_reject_bad_input_in_one_line(trained, tmp_path, args, match):

@@ -43,7 +43,7 @@ def test_unknown_policy_skip_and_unk():
     assert vocab.decode(vocab.encode("a🚀b", unknown="unk")) == "a?b"
     with pytest.raises(UserError, match="unk character"):
         CharVocab.from_text("abc").encode("d", unknown="unk")
-    with pytest.raises(UserError, match="not a policy"):
+    with pytest.raises(UserError, match="is not known; use one of error, unk, skip"):
         vocab.encode("a", unknown="ignore")
 
 
