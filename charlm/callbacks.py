@@ -203,7 +203,7 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = state_dict["skipped"]
-        self.overflows = state_dict.get("overflows", 0)  # absent from checkpoints written before it was counted
+        self.overflows = state_dict.get("overflows", 0)  # absent from older checkpoints
         self.overflows_in_a_row = state_dict.get("overflows_in_a_row", 0)
         self.first_loss = state_dict.get("first_loss")
 

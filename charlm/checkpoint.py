@@ -155,7 +155,7 @@ def reopen_cut_epoch(trainer, checkpoint: dict) -> None:
 
 
 def rescale_lr(checkpoint: dict, ratio: float) -> None:
-    """A resume with another ``model.lr``: scale the saved optimiser and schedule learning rates by ``ratio``, so
+    """A resume with another ``optim.lr``: scale the saved optimiser and schedule learning rates by ``ratio``, so
     the schedule goes on from where it was, at the new base rate (Lightning would restore the old rates)."""
     if ratio == 1:
         return

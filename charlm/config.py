@@ -68,8 +68,7 @@ def old_keys(group: str) -> dict[str, str]:
 
 def move_renamed(cfg: DictConfig) -> DictConfig:
     """Move the value of each old key that a config file or an override set to its new key, and drop the old
-    keys; a value set on the old key wins, as it did before the move. Says so once per key and process, on
-    stderr."""
+    keys; a value set on an old key wins over its new key's. Says so once per key and process, on stderr."""
     for old, new in RENAMED.items():
         group, key = old.split(".", 1)
         node = cfg.get(group)
@@ -233,7 +232,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
         cfg.ckpt_path = requeued
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
     if rank_zero:
-        write_run_record(cfg)  # also for a run that a bad setting stops below, as Hydra did: what was run
+        write_run_record(cfg)  # also for a run that a bad setting stops below: the record says what was run
     check_trainer(cfg)
     check_recipe(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -56,8 +56,8 @@ def next_token(
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Gumbel-max: argmax(logits + G), G = -log(Exp(1)), is an exact draw from softmax(logits); half the cost of
-    # torch.multinomial per character, which matters in the single-stream loop.
+    # Gumbel-max: argmax(logits + G), G = -log(Exp(1)), is an exact draw from softmax(logits), and cheaper per
+    # character than torch.multinomial, which matters in the single-stream loop (bench.sampling).
     return (logits - torch.empty_like(logits).exponential_(generator=generator).log()).argmax(-1)
 
 

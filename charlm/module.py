@@ -38,16 +38,17 @@ def logs_step_metrics(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes per-step metrics to the loggers after this training batch (every
     ``trainer.log_every_n_steps`` steps, and the last).
 
-    Per-step ``self.log`` calls are made only then: each costs ~0.6 ms of Python in Lightning's result
-    collection whether or not it is written (4 a step were 6 % of a 2x128 LSTM's step on 2 CPU cores), and
-    the values of the other steps were dropped anyway. The progress bar keeps the last logged value. Lightning
-    has no public switch for this; its own test is ``_logger_connector.should_update_logs``."""
+    Per-step ``self.log`` calls are made only then: each costs Python time in Lightning's result collection
+    whether or not it is written, a visible share of a small model's step on a CPU (bench.step_overhead), and the
+    values of the other steps would be dropped anyway. The progress bar keeps the last logged value. Lightning has
+    no public switch for this; its own test is ``_logger_connector.should_update_logs``."""
     connector = getattr(trainer, "_logger_connector", None)
     return connector is None or bool(connector.should_update_logs or trainer.fast_dev_run)
 
 
 def split_hparams(hparams: dict) -> tuple[RNNConfig, OptimConfig]:
-    """Flat ``model.*`` settings -> the network's and the optimiser's configs (each validates itself)."""
+    """Flat settings (``model.*`` and ``optim.*`` of the configs) -> the network's and the optimiser's configs
+    (each validates itself)."""
     names = {cls: {f.name for f in fields(cls)} for cls in (RNNConfig, OptimConfig)}
     unknown = sorted(set(hparams) - names[RNNConfig] - names[OptimConfig])
     if unknown:
@@ -60,10 +61,11 @@ def split_hparams(hparams: dict) -> tuple[RNNConfig, OptimConfig]:
 class CharLM(pl.LightningModule):
     """Character language model over ``RNNStack``: ``CharLM(vocab, **settings)``.
 
-    ``settings`` are the fields of ``RNNConfig`` (the network) and ``OptimConfig`` (optimiser and schedule),
-    flat, as ``model.*`` in the configs; the rest keep those classes' defaults, so ``CharLM(vocab)`` is the model
-    that ``python train.py`` trains. The hyperparameters are saved as plain data (one flat dict with every
-    setting), so a checkpoint alone rebuilds the model, with ``weights_only=True``.
+    ``settings`` are the fields of ``RNNConfig`` (the network: ``model.*`` in the configs) and ``OptimConfig``
+    (optimiser and schedule: ``optim.*``), flat; the rest keep those classes' defaults, so ``CharLM(vocab)`` is
+    the model that ``python train.py`` trains. The hyperparameters are saved as plain data (one flat dict with
+    every setting, the layout every charlm checkpoint has), so a checkpoint alone rebuilds the model, with
+    ``weights_only=True``.
 
     Batches are ``(x, y, reset)``: when ``reset`` is False the previous batch of the same stage ended exactly
     where this one starts (TBPTT streams), so its final state, detached, is this batch's initial state.

@@ -73,8 +73,8 @@ class OptimConfig:
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
         params = list(params)
-        # torch's fused kernel (one pass over each tensor) where every parameter's device has one: several times
-        # faster than the per-tensor loop for small models (bench.step_overhead). It rounds like the loop it
+        # torch's fused kernel (one pass over each tensor) where every parameter's device has one: faster than the
+        # per-tensor loop, the more so the smaller the model (bench.step_overhead). It rounds like the loop it
         # replaces, not bit for bit; a checkpoint's saved ``fused`` flag wins on load where the kernel is allowed,
         # so a resumed run keeps the kernel it started with.
         fused = fused and bool(params)

@@ -49,8 +49,8 @@ class SlurmRequeue(pl.Callback):
     Hand-written rather than Lightning's ``SLURMEnvironment(auto_requeue=True)`` (``build`` passes
     ``auto_requeue=False``; the environment's ranks and addresses are still Lightning's). Lightning saves and
     requeues inside the signal handler, which fires between any two bytecodes: the checkpoint can hold a half-done
-    step, and under DDP the save's collectives can meet another rank's gradient all-reduce and hang (Lightning
-    issue #21406, open). It also saves ``hpc_ckpt_<n>.ckpt`` files, one more per requeue, and while one exists every
+    step, and under DDP the save's collectives can meet another rank's gradient all-reduce and hang (an open
+    Lightning bug). It also saves ``hpc_ckpt_<n>.ckpt`` files, one more per requeue, and while one exists every
     later ``trainer.test`` / ``validate(ckpt_path=None)`` under SLURM loads it instead of the model in memory.
     """
 

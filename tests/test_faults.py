@@ -447,8 +447,8 @@ def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rat
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["seed=abc"], "seed='abc' must be a whole number"),  # was a ValueError traceback
-        (["seed=1.5"], "seed=1.5 must be a whole number"),  # crashed after training started, leaving tb/
+        (["seed=abc"], "seed='abc' must be a whole number"),  # otherwise a ValueError traceback
+        (["seed=1.5"], "seed=1.5 must be a whole number"),  # otherwise a crash after training started, leaving tb/
         (["trainer=ddp"], "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu"),
         (["trainer.devices=0"], "trainer.devices=0 is not a number of devices; pass trainer.devices=1"),
         (["model.hiden_size=64"], "model.hiden_size is not a setting; did you mean model.hidden_size?"),  # not "+"
