@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from charlm import UserError, reported_user_errors
+from charlm.config import RENAMED
 
 
 def rows(study) -> tuple[list[str], list[list[str]]]:
@@ -44,16 +45,18 @@ def rows(study) -> tuple[list[str], list[list[str]]]:
 
 
 def seed(storage: str, study_name: str, source, top: int) -> list[dict]:
-    """Enqueue the ``top`` best completed trials of ``source`` into study ``study_name`` (minimising)."""
+    """Enqueue the ``top`` best completed trials of ``source`` into study ``study_name`` (minimising); a setting
+    that has moved (``model.lr``: ``optim.lr``) is enqueued under its key of today."""
     import optuna
 
     done = sorted((t for t in source.trials if t.value is not None), key=lambda t: t.value)[:top]
     if not done:
         raise UserError(f"study {source.study_name!r} has no completed trial to seed from; run its sweep first.")
     target = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
-    for trial in done:
-        target.enqueue_trial(trial.params)
-    return [t.params for t in done]
+    params = [{RENAMED.get(k, k): v for k, v in t.params.items()} for t in done]
+    for one in params:
+        target.enqueue_trial(one)
+    return params
 
 
 def markdown(header: list[str], table: list[list[str]]) -> str:

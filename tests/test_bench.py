@@ -263,6 +263,8 @@ def test_the_study_table_lists_completed_trials_best_first_then_the_failed(tmp_p
 
 
 def test_a_second_round_starts_with_the_first_rounds_best_trials(tmp_path):
+    """A first round that searched model.lr (the learning rate's old key): the second round's optim.lr starts
+    from its best values."""
     optuna = pytest.importorskip("optuna")
     from bench.study import main
 
@@ -271,7 +273,7 @@ def test_a_second_round_starts_with_the_first_rounds_best_trials(tmp_path):
     lr = optuna.distributions.LogUniformDistribution(1e-3, 1e-1)
     for value in (1.7, 1.5, 1.6):
         first.add_trial(
-            optuna.trial.create_trial(params={"optim.lr": value / 100}, distributions={"optim.lr": lr}, value=value)
+            optuna.trial.create_trial(params={"model.lr": value / 100}, distributions={"model.lr": lr}, value=value)
         )
     main(["--storage", storage, "--study", "r2", "--seed-from", "r1", "--top", "2"])
     second = optuna.load_study(study_name="r2", storage=storage)
