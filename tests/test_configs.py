@@ -50,7 +50,7 @@ def assert_model_is_the_config(model: CharLM, model_cfg, vocab: dict) -> None:
         )
     assert dict(model.hparams) == {"vocab": vocab, **settings}  # what a checkpoint rebuilds the model from
     net, m = model.net, model_cfg
-    layer_cls = CELLS[m.cell][0] if m.impl == "fused" else None
+    layer_cls = CELLS[m.cell].fused[0] if m.impl == "fused" and CELLS[m.cell].fused else None
     assert (net.cell, net.num_layers, net.hidden_size, len(net.layers)) == (
         m.cell,
         m.num_layers,
