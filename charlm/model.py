@@ -71,9 +71,9 @@ class RNNConfig:
     """The network's hyperparameters: the one place that lists them and their defaults (``python train.py``'s).
 
     ``embedding_size=None`` uses ``hidden_size``; ``embedding_size=0`` feeds one-hot vectors (d2l).
-    ``tie_weights`` is on by default (Press & Wolf 2017): the decoder reuses the embedding matrix, which on The
-    Time Machine's default run lowered test bits per character by ~0.1 (README, Results); an embedding of
-    another width (one-hot, or not the LSTMP's proj_size) needs ``tie_weights=False``.
+    ``tie_weights`` is on by default (Press & Wolf 2017): the decoder reuses the embedding matrix, fewer
+    parameters that train to a lower loss on the default run (README, Results); an embedding of another width
+    (one-hot, or not the LSTMP's proj_size) needs ``tie_weights=False``.
     ``init_scale`` draws every parameter from U(-s, s) as Zaremba et al. do; None keeps torch's init.
     ``impl``, ``locked_dropout``, ``recurrent_dropout``, ``weight_drop`` and ``layer_norm``: see the module doc.
     Validated on construction; every error is one sentence naming the ``model.*`` setting to change.
