@@ -20,6 +20,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from charlm import UserError, __version__
 
 # Version of what charlm itself stores in a checkpoint (``checkpoint["charlm"]``); Lightning versions its own part.
+# What all of a checkpoint carries for an exact resume, and which function saves and restores each piece: charlm.resume.
 #   1: charlm 0.1.0: weights, hparams (with the vocab), optimiser, loops; no "charlm" entry.
 #   2: charlm 0.2.0: + "charlm": {format, version, world_size, ranks: per-rank TBPTT state, RNG states, metric sums}.
 FORMAT = 2

@@ -110,3 +110,15 @@ class RecordValidations(pl.Callback):
         if not trainer.sanity_checking:
             with open(f"{self.out}/validations.txt", "a") as f:
                 f.write(f"{trainer.global_step}\n")
+
+
+class StopAt(pl.Callback):
+    """Stop the run after optimizer step ``step``, as ``max_steps`` or ``max_time`` would, without changing the
+    run's limits (which a step- or time-annealed schedule reads): the epoch end hooks save ``last.ckpt`` there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
