@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ import torch
 
 from charlm import Diverged, UserError, __version__, user_error_in
 from charlm.callbacks import LastCheckpoint, NonFiniteGuard
-from charlm.checkpoint import FORMAT, AtomicCheckpointIO
+from charlm.checkpoint import FORMAT, SAVE_PHASES, AtomicCheckpointIO
 from charlm.cli import sample, train
 from charlm.config import build
 from charlm.module import CharLM, load_checkpoint
@@ -171,38 +170,35 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
-def test_sigkill_during_saves_across_filesystems_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
-    """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's save moved its temporary file across them,
-    a truncate-and-copy that a kill left half-written. Forked savers are killed at 16 points spread over a save."""
+@pytest.mark.parametrize("phase", SAVE_PHASES)
+def test_sigkill_at_each_phase_of_a_save_across_filesystems_leaves_a_whole_checkpoint(
+    run_dir, tmp_path, monkeypatch, phase
+):
+    """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's own save moved its temporary file across them,
+    a truncate-and-copy that a kill left half-written. Killed at ``phase`` of its second last.ckpt save (step 10),
+    the run leaves the whole step-5 checkpoint, or once the new file is in place the whole step-10 one; it resumes
+    from it, and its next save removes the killed save's temporary file."""
+    _, corpus = run_dir
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
-    shm = Path("/dev/shm") / f"charlm-test-{os.getpid()}"
-    shm.mkdir()
-    big = {"w": torch.randn(16 * 1024 * 1024 // 4)}  # 16 MB
+    shm = Path(tempfile.mkdtemp(prefix="charlm-test-", dir="/dev/shm"))
+    out = shm / "run"
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "test=false"]
+    short += ["callbacks.last_checkpoint.every_n_train_steps=5", "callbacks.last_checkpoint.every_n_minutes=0"]
+    args = tiny_overrides(corpus, out, *short, "logger=none", "callbacks=no_logger", "sample_length=0")
+    kill = ["+callbacks.kill._target_=tests.probe.KillInSave", f"+callbacks.kill.phase={phase}"]
     try:
-        target = shm / "last.ckpt"
-        start = time.perf_counter()
-        AtomicCheckpointIO().save_checkpoint(big, target)
-        save_s = time.perf_counter() - start
-        for k in range(16):
-            pid = os.fork()
-            if pid == 0:  # the saver: saves until killed
-                try:
-                    while True:
-                        AtomicCheckpointIO().save_checkpoint(big, target)
-                finally:
-                    os._exit(1)
-            time.sleep(0.05 + save_s * (1 + k / 8))  # into the 2nd / 3rd save, at 16 phases
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            w = torch.load(target, weights_only=True)["w"]  # whole: the old file or a complete new one
-            assert torch.equal(w, big["w"]), f"kill {k}"
-        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(4)}, target)
-        assert [p.name for p in shm.iterdir()] == ["last.ckpt"]  # a killed save's temporary file is cleaned up
+        proc = run_cli("train.py", *args, *kill, f"hydra.run.dir={out}")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # the save went through write_atomic
+        last = out / "checkpoints/last.ckpt"
+        new = SAVE_PHASES.index(phase) >= SAVE_PHASES.index("replaced")
+        assert load_checkpoint(last) is not None  # whole: read, checked and loaded
+        assert torch.load(last, weights_only=True)["global_step"] == (10 if new else 5)
+        train(compose_train([*args, f"ckpt_path={last}"]))
+        assert torch.load(last, weights_only=True)["global_step"] == 20
+        assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     finally:
-        for p in shm.iterdir():
-            p.unlink()
-        shm.rmdir()
+        shutil.rmtree(shm)
 
 
 def test_the_trainer_saves_through_the_atomic_checkpoint_io(run_dir, tmp_path):
