@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from omegaconf import DictConfig
@@ -56,6 +57,26 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
         "sample_length=20",
         *extra,
     ]
+
+
+class TinyRun(NamedTuple):
+    out: Path
+    metrics: dict[str, float]
+    corpus: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One finished tiny run (``tiny_overrides``: 2 epochs, TensorBoard, test), shared by every test file: its
+    directory, final metrics and corpus. Tests read it or resume from its checkpoints into directories of their
+    own; a run pointed at its directory must be refused."""
+    from charlm.cli import train
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp / "out"
+    return TinyRun(out, train(compose_train(tiny_overrides(corpus, out))), corpus)
 
 
 def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
