@@ -108,8 +108,14 @@ def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
     return _run([sys.executable, "-m", name, *args], cwd)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
+def assert_user_error(proc: subprocess.CompletedProcess, match: str, code: int = 2, started: bool = False) -> str:
+    """A process that failed as a UserError does: exit ``code`` (a Diverged run: 3), no traceback, and one
+    ``error: `` line holding ``match``, which is all of stderr; or, once training ``started`` (Lightning logs its
+    own lines first), its last line. Returns that line."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert match in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert (lines[-1:] if started else lines) == errors, proc.stderr[-3000:]
+    assert match in errors[0], errors[0]
+    return errors[0]

@@ -41,16 +41,6 @@ def all_finite(path: Path) -> bool:
     return all(torch.isfinite(t).all() for t in sd.values())
 
 
-def assert_error_line(proc: subprocess.CompletedProcess, code: int, match: str) -> str:
-    """A failure during training: exit ``code``, no traceback, and its last stderr line the one error sentence
-    (Lightning's own log lines may come before it)."""
-    assert proc.returncode == code, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == errors[0] and match in errors[0], errors[0]
-    return errors[0]
-
-
 # ---- 1. last.ckpt is the latest state ----
 
 
@@ -127,7 +117,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(corpu
         args = tiny_overrides(corpus, out, "trainer.max_epochs=3", "logger=none", "callbacks=no_logger")
         args.append("model.tie_weights=false")  # the checkpoint size the tmpfs was sized for
         proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
-        assert_error_line(proc, 2, "no space left to write")
+        assert_user_error(proc, "no space left to write", started=True)
         ckpts = sorted((out / "checkpoints").iterdir())
         assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]  # no partial file under any name
         for p in ckpts:
@@ -149,7 +139,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
         args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
         args += ["model.tie_weights=false", "model.hidden_size=64"]  # about 800 KB with the optimiser state
         proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
-        line = assert_error_line(proc, 2, "no space left to write")
+        line = assert_user_error(proc, "no space left to write", started=True)
         assert line.endswith("; free disk space.")  # there was no previous file to keep
         assert list((out / "checkpoints").iterdir()) == []  # no partial file under any name
     finally:
@@ -255,7 +245,7 @@ def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(corp
         "+callbacks.nan.step=95",
         f"hydra.run.dir={out}",
     )
-    line = assert_error_line(run_cli("train.py", *args), 3, "training diverged at step 95")
+    line = assert_user_error(run_cli("train.py", *args), "training diverged at step 95", code=3, started=True)
     assert "gradient norm nan" in line and "on_nonfinite=skip" in line
     assert "best.ckpt and last.ckpt keep the last good state" in line
     assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 90
@@ -285,7 +275,8 @@ def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(corpus, tmp_pa
         "logger=none",
         f"hydra.run.dir={out}",
     ]
-    line = assert_error_line(run_cli("train.py", *tiny_overrides(corpus, out, *args)), 3, "training diverged at step")
+    proc = run_cli("train.py", *tiny_overrides(corpus, out, *args))
+    line = assert_user_error(proc, "training diverged at step", code=3, started=True)
     assert re.search(r"nats is over loss_limit=3 x the starting loss 2\.\d\d; no checkpoint was written yet", line), (
         line
     )
