@@ -108,6 +108,12 @@ def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
     return _run([sys.executable, "-m", name, *args], cwd)
 
 
+def run_python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run Python source in a fresh interpreter (``python -c CODE ARGS``), e.g. to change something before charlm
+    is imported."""
+    return _run([sys.executable, "-c", code, *args], cwd)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, match: str, code: int = 2, started: bool = False) -> str:
     """A process that failed as a UserError does: exit ``code`` (a Diverged run: 3), no traceback, and one
     ``error: `` line holding ``match``, which is all of stderr; or, once training ``started`` (Lightning logs its
