@@ -28,6 +28,7 @@ LAYERS = [
     "charlm.stepper",
     "charlm.optim",
     "charlm.checkpoint",
+    "charlm.resume",
     "charlm.module",
     "charlm.sampling",
     "charlm.callbacks",
