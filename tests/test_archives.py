@@ -138,7 +138,7 @@ def _flip(raw: bytes, at: int, byte: int) -> bytes:
 
 def _stored_zip_with_a_changed_byte(path: Path, byte: int) -> bytes:
     """A zip whose member a.txt, stored uncompressed, has one byte changed: its CRC-32 no longer matches."""
-    raw = pack(path, {"a.txt": b"plain text " * 1000}, zipfile.ZIP_STORED).read_bytes()
+    raw = pack(path, {"a.txt": b"plain text " * 20_000}, zipfile.ZIP_STORED).read_bytes()  # beyond a block
     return _flip(raw, raw.index(b"plain text ") + 5000, byte)
 
 
