@@ -7,6 +7,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import json
 import lzma
 import re
 import sys
@@ -20,11 +21,12 @@ import zstandard
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from bench.tokenize_speed import build_archive, build_corpus
 from charlm import UserError
 from charlm.archives import archive_format
 from charlm.cache import load_split, load_tokens
 from charlm.corpus import SEPARATOR
-from tests.conftest import assert_user_error, compose_train, make_text, run_cli
+from tests.conftest import assert_user_error, compose_train, make_text, run_cli, run_module
 
 COMPRESS = {
     "gz": gzip.compress,
@@ -227,3 +229,37 @@ def test_enwik8_reads_the_zip_as_distributed_in_place_of_the_missing_file(tmp_pa
     with pytest.raises(InstantiationException) as error:
         instantiate(compose_train(overrides).data)
     assert "or 'enwik8.zip' as distributed beside it, and nothing here downloads it" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("fmt", ["gz", "bz2", "xz", "zst"])
+def test_the_benchmarks_archive_is_the_corpus_compressed(tmp_path, fmt):
+    corpus = tmp_path / "corpus.txt"
+    build_corpus(corpus, 200_000)
+    archive = build_archive(corpus, fmt)
+    assert archive.name == f"corpus.txt.{fmt}" and archive.stat().st_size < corpus.stat().st_size
+    assert read(archive, tmp_path / "cache", unit="byte") == corpus.read_bytes()
+
+
+@pytest.mark.slow  # seven processes, each importing torch: over a minute on two loaded cores
+def test_the_benchmarks_read_the_corpus_from_an_archive_too(tmp_path):
+    speed, memory = tmp_path / "tokenize.json", tmp_path / "memory.json"
+    proc = run_module(
+        "bench.tokenize_speed", "--quick", "--archive", "gz", "--tmp-dir", str(tmp_path), "--json", str(speed)
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(speed.read_text())
+    assert report["corpus"]["archive"] == "gz" and 0 < report["corpus"]["archive_bytes"] < report["corpus"]["bytes"]
+    runs = report["results"]["archive"]["runs"]
+    assert [r["characters"] for r in runs] == [report["corpus"]["characters"]] and not runs[0]["cache_hit"]
+    assert runs[0]["file_bytes"] == report["corpus"]["archive_bytes"]
+    proc = run_module(
+        "bench.memory", "--archive", "xz", "--mb", "0.3", "--tmp-dir", str(tmp_path), "--json", str(memory)
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(memory.read_text())["results"]
+    assert result["archive"]["tokens"] == result["plain"]["tokens"] > 0 and result["archive_bytes"] < result["bytes"]
+    assert (result["archive"]["file_bytes"], result["plain"]["file_bytes"]) == (
+        result["archive_bytes"],
+        result["bytes"],
+    )
+    assert not list(tmp_path.glob("charlm-*")), "the temporary corpora and caches are removed"
