@@ -103,7 +103,7 @@ def members(f: BinaryIO, path: Path, globs: tuple[str, ...] | None = None) -> It
     """The picked members of the archive or compressed file ``path``, open as ``f``: a zip's in name order, a
     tar's in archive order (a compressed tar cannot be read in any other order without reading it again), a
     compressed stream as one member named after the file. Damage is a UserError naming the file and member."""
-    container, compression = archive_format(path) or ("stream", None)
+    container, compression = archive_format(path)
     if container == "stream":
         stream = _decompressed(f, compression, path)
         yield Member(stem(path), None, _guarded(_read(stream), path, compression, None))
@@ -259,8 +259,6 @@ def _damage(path: Path, fmt: str, member: str | None) -> Iterator[None]:
     try:
         yield
     except _damage_types() as e:
-        if isinstance(e, PermissionError):
-            raise
         raise _damaged(path, fmt, member, str(e)) from None
 
 
