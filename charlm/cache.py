@@ -14,12 +14,14 @@ from typing import BinaryIO
 import numpy as np
 
 from charlm import UserError
+from charlm.archives import archive_format, stem
 from charlm.corpus import (
     _GLOB,
     SEPARATOR,
     Tokenizing,
+    blank_corpus,
     blocks,
-    corpus_error,
+    check_members,
     corpus_files,
     existing_file,
     tokenize_files,
@@ -33,13 +35,14 @@ _FILES = ("tokens.npy", "vocab.json", "manifest.json")  # in the order a build m
 
 
 def _cache_key(path: Path, options: tuple) -> str:
-    """SHA-1 of the corpus file, read block by block, and of the options; a blank file is an error."""
+    """SHA-1 of the corpus file (an archive's bytes as they are on disk), read block by block, and of the
+    options; a blank file is an error."""
     key, blank = hashlib.sha1(), True
     for block in blocks(path):
         key.update(block)
         blank = blank and block.isspace()
     if blank:
-        raise corpus_error(path, "is empty; pass a file with text in it as data.path")
+        raise blank_corpus([path])
     key.update(repr(options).encode())
     return key.hexdigest()[:16]
 
@@ -53,7 +56,7 @@ def _files_key(files: list[Path], options: tuple) -> str:
             key.update(block)
             blank = blank and block.isspace()
     if blank:
-        raise corpus_error(files[0], "and the other files of this corpus are empty; pass files with text in them")
+        raise blank_corpus(files)
     key.update(repr(options).encode())
     return key.hexdigest()[:16]
 
@@ -201,9 +204,10 @@ def load_tokens(path: str | Path, cache_dir: str | Path | None = None, **options
 
 
 def _corpus_name(path: str | Path, files: list[Path]) -> str:
-    """The cache directory's prefix: the file's stem, or the folder's (the glob's first fixed folder) name."""
+    """The cache directory's prefix: the file's stem (an archive's name without its ending), or the folder's (the
+    glob's first fixed folder) name."""
     if len(files) == 1:
-        return files[0].stem
+        return stem(files[0])
     folder = Path(str(path)).expanduser()
     while _GLOB.search(str(folder)) or not folder.name:
         if folder == folder.parent:
@@ -217,7 +221,7 @@ def load_split(
 ) -> tuple[list[np.ndarray], Vocab]:
     """A corpus that comes split (train, val, test files): one vocab over their union, and each file's tokens."""
     files = [existing_file(p) for p in paths]
-    tokens, vocab, counts = load_files(files, "", Tokenizing(**options), cache_dir, files[0].stem + "-split")
+    tokens, vocab, counts = load_files(files, "", Tokenizing(**options), cache_dir, stem(files[0]) + "-split")
     ends = np.cumsum(counts)
     return [tokens[end - n : end] for n, end in zip(counts, ends, strict=True)], vocab
 
@@ -228,7 +232,8 @@ def load_files(
     """Tokenize ``files`` joined by ``sep`` once and memory-map the result on later calls; also each file's
     token count (its separator included).
 
-    The cache directory is keyed by the file's content hash plus the options that change the tokens, and
+    The cache directory is keyed by the file's content hash (an archive's: of its compressed bytes, and of the
+    ``data.members`` picked from it) plus the options that change the tokens, and
     holds ``tokens.npy`` (uint8/uint16/uint32 ids; for ``unit=byte`` the bytes themselves), ``vocab.json`` and
     ``manifest.json`` (sizes, hashes, id range). A cache that fails its check against the manifest is rebuilt,
     saying so in one line on stderr.
@@ -242,10 +247,13 @@ def load_files(
     can land between the other's removal and its next replace.) The manifest moves in last, so until one build
     has finished there is none, and a reader builds the cache without calling it damaged.
     """
+    check_members(files, options.members)
+    # A corpus with an archive is keyed by the archive's bytes as they are on disk and by what is read from it.
+    picks = ("archive", options.members) if any(archive_format(f) for f in files) else ()
     if len(files) == 1:  # the key of a one-file corpus is what it always was, so existing caches stay valid
-        key = _cache_key(files[0], (_CACHE_FORMAT, *options.key))
+        key = _cache_key(files[0], (_CACHE_FORMAT, *options.key, *picks))
     else:
-        key = _files_key(files, (_CACHE_FORMAT, *options.key, sep, len(files)))
+        key = _files_key(files, (_CACHE_FORMAT, *options.key, sep, len(files), *picks))
     cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{name}-{key}"
     try:
         loaded = _read_cache(cache)

@@ -18,6 +18,7 @@ LAYERS = [
     "charlm.checks",
     "charlm.hardware",
     "charlm.vocab",
+    "charlm.archives",
     "charlm.corpus",
     "charlm.cache",
     "charlm.batches",
