@@ -1,5 +1,5 @@
-"""Training speed of the fused torch kernels vs the cell equations of charlm/cells.py (``model.impl``), and of
-minGRU / minLSTM against an LSTM with as many parameters.
+"""Training speed of each cell's whole-sequence form vs its step equations (``model.impl=fused`` vs ``scratch``),
+and of the cells with a parallel form (minGRU, minLSTM) against an LSTM with as many parameters.
 
     .venv/bin/python -m bench.cells                       # lstm, gru, rnn_tanh at hidden 128, 256, 512; then
                                                           # mingru, minlstm vs a 2x512 LSTM at equal parameters
@@ -10,12 +10,14 @@ minGRU / minLSTM against an LSTM with as many parameters.
 One training step = forward, cross-entropy, backward and an SGD update of a whole ``RNNStack`` (embedding,
 ``--layers`` layers, decoder) on a ``--batch`` x ``--seq-len`` batch of random characters. The two
 implementations share weights and alternate (fused, scratch, fused, ...) so drift in the machine's speed
-hits both; each figure is the median over ``--repeats`` timings of ``--steps`` steps. Target: scratch at
-least 0.5x fused at hidden 256 on CPU (for the LSTM, GRU and RNN: the min cells' scratch is their reference loop).
+hits both; each figure is the median over ``--repeats`` timings of ``--steps`` steps. ``fused`` is torch's
+kernel, or for a cell without one its parallel form. Target: scratch at least 0.5x fused at hidden 256 on CPU
+for the cells with a torch kernel (a parallel cell's scratch is the reference loop of its scan).
 
 Equal parameters (``--match-lstm H``, 0 skips it): a fused ``--layers`` x H LSTM against each of ``--min-cells``
-(parallel scan) at the hidden size whose whole ``RNNStack`` (embedding = hidden, layers, decoder) has the
-parameter count closest to the LSTM's; timed the same way, alternating all of them.
+(the cells with a parallel form, run through it) at the hidden size whose whole ``RNNStack`` (embedding =
+hidden, layers, decoder) has the parameter count closest to the LSTM's; timed the same way, alternating all of
+them.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import table, write_json
+from charlm.cells import CELLS, cells_with
 from charlm.info import describe, machine_info
-from charlm.mincells import MIN_GATES
-from charlm.model import RNNConfig, RNNStack
+from charlm.model import RNNConfig, RNNStack, impls
 
 TARGET_RATIO_AT_256 = 0.5
 QUICK = {"hidden": [16], "batch": 4, "seq_len": 8, "steps": 1, "repeats": 1, "match_lstm": 16}
@@ -118,7 +120,8 @@ def measure(cell: str, hidden: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"])
+    timed = [cell for cell in CELLS if "fused" in impls(cell)]  # the cells with a whole-sequence form to time
+    p.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"], choices=timed)
     p.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
@@ -127,7 +130,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="training steps per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per implementation; the median is reported")
     p.add_argument("--match-lstm", type=int, default=512, help="the LSTM hidden size to match; 0: skip that table")
-    p.add_argument("--min-cells", nargs="+", default=list(MIN_GATES), choices=list(MIN_GATES))
+    parallel = cells_with(lambda spec: spec.parallel is not None)
+    p.add_argument("--min-cells", nargs="+", default=parallel, choices=parallel)
     p.add_argument("--quick", action="store_true", help=f"tiny sizes, to check that it runs: {QUICK}")
     p.add_argument("--json", default="outputs/bench/cells.json")
     args = p.parse_args()
@@ -160,7 +164,7 @@ def main() -> None:
             ],
         )
     )  # fmt: skip
-    at_256 = [r["ratio"] for r in rows if r["hidden"] == 256 and r["cell"] not in MIN_GATES]
+    at_256 = [r["ratio"] for r in rows if r["hidden"] == 256 and CELLS[r["cell"]].fused is not None]
     if at_256:
         met = min(at_256) >= TARGET_RATIO_AT_256
         print(f"\ntarget scratch >= {TARGET_RATIO_AT_256}x fused at hidden 256: {'met' if met else 'MISSED'}"
@@ -168,9 +172,7 @@ def main() -> None:
     equal = []
     if args.match_lstm:
         equal = measure_equal_params(args)
-        print(
-            f"\nequal parameter count: {args.layers}x{args.match_lstm} LSTM (fused) vs the min cells (parallel scan)\n"
-        )
+        print(f"\nequal parameter count: {args.layers}x{args.match_lstm} LSTM (fused) vs the cells' parallel form\n")
         print(
             table(
                 ["cell", "hidden", "params", "chars/s", "vs lstm"],

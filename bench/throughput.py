@@ -11,9 +11,10 @@ streams sliced from one tensor. The two alternate A B A B in this process; each 
 steps after ``--warmup`` steps, and the ratio of each pair's chars/s is reported with its median.
 Target: median ratio >= 0.97 for a 2x512 LSTM at batch 32 x seq_len 128.
 
-Roofline: training FLOPs per character are 6 * G * h * (in + h) per layer (G gates; forward 2 FLOPs per
-multiply-add, backward twice the forward; G = 4 gives the LSTM's 24 h (in + h)) plus 6 * h * V for the
-decoder. The achieved GFLOP/s is set against a measured fp32 matmul peak of this machine.
+Roofline: training FLOPs per character are 6 * G * h * (in + h) per layer (G gate blocks, ``CellSpec.blocks``;
+forward 2 FLOPs per multiply-add, backward twice the forward; G = 4 gives the LSTM's 24 h (in + h); a cell
+without W_hh drops the h term) plus 6 * h * V for the decoder. The achieved GFLOP/s is set against a measured
+fp32 matmul peak of this machine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from bench.report import table, write_json
-from charlm.cells import GATES
+from charlm.cells import CELLS
 from charlm.config import build, compose
 from charlm.hardware import default_precision
 from charlm.info import describe, machine_info
@@ -111,8 +112,10 @@ def run_plain(cfg, dm, args: argparse.Namespace, model: CharLM, trainer: pl.Trai
 
 
 def flops_per_char(cell: str, layers: int, hidden: int, embedding: int, vocab: int) -> float:
+    spec = CELLS[cell]
+    recurrent = hidden if spec.recurrent else 0  # the width W_hh reads
     sizes = [embedding] + [hidden] * (layers - 1)
-    return sum(6 * GATES[cell] * hidden * (n + hidden) for n in sizes) + 6 * hidden * vocab
+    return sum(6 * spec.blocks * hidden * (n + recurrent) for n in sizes) + 6 * hidden * vocab
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -130,7 +133,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cell", default="lstm")
+    p.add_argument("--cell", default="lstm", choices=list(CELLS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)

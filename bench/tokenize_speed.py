@@ -1,6 +1,8 @@
 """Benchmark corpus -> token cache: ``charlm.cache.load_tokens`` on a built corpus, first run and cached reload.
 
     .venv/bin/python -m bench.tokenize_speed --mb 100
+    .venv/bin/python -m bench.tokenize_speed --mb 100 --archive xz   # also the same text read from a .xz
+    .venv/bin/python -m bench.tokenize_speed --quick --archive zst   # 1 MB, once: checks that it runs
 
 The corpus is The Time Machine and Tiny Shakespeare, line by line, with a Chinese, accented-Latin, Greek /
 Cyrillic / Hebrew / Arabic or emoji line after every 20th, repeated up to ``--mb`` megabytes (10^6 bytes).
@@ -10,6 +12,10 @@ its RSS then is the import baseline. On Linux the process resets its RSS high-wa
 alone; elsewhere it falls back to ``ru_maxrss``, which also counts the import's transient peak. Targets:
 at least 100 MB/s, and a peak RSS above the import baseline of at most twice the corpus size.
 
+``--archive gz|bz2|xz|zst`` also compresses the corpus (fast settings: gzip and bzip2 level 1, xz preset 0,
+zstd level 3) and measures its first run from that file: MB/s there counts the uncompressed text, so it
+compares with the plain file's first run, decompression included.
+
 (Not ``bench/tokenize.py``: run as a script, that file would shadow the standard library's ``tokenize``,
 which torch imports, and break every script in bench/.)
 """
@@ -17,13 +23,16 @@ which torch imports, and break every script in bench/.)
 from __future__ import annotations
 
 import argparse
+import bz2
 import json
+import lzma
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from bench import ROOT
@@ -40,6 +49,8 @@ NON_ASCII = (
     "Ελληνικά γράμματα, русский текст, עברית, العربية.",
 )
 MEASUREMENTS = {"first_run": "first run (empty cache)", "cached": "cached reload"}
+ARCHIVE = "archive"  # the stage that reads the compressed corpus, with --archive
+QUICK = {"mb": 1.0, "repeats": 1}  # --quick: checks that it runs, measures nothing worth reporting
 
 
 def build_corpus(path: Path, n_bytes: int) -> int:
@@ -60,6 +71,27 @@ def build_corpus(path: Path, n_bytes: int) -> int:
             f.write(block)
         f.write(tail)
     return repeats * len(block) + len(tail)
+
+
+def build_archive(corpus: Path, fmt: str) -> Path:
+    """``corpus`` compressed beside it as ``corpus.<fmt>`` (gz, bz2, xz or zst), block by block, with the format's
+    fast settings: a gigabyte takes seconds to minutes, not the hour of xz's default."""
+    if fmt == "zst":
+        import zstandard  # an optional extra: charlm-lightning[zstd]
+
+        compressor = zstandard.ZstdCompressor(write_checksum=True).compressobj()  # the zstd tool's checksum too
+    else:
+        compressor = {
+            "gz": lambda: zlib.compressobj(1, wbits=31),  # wbits 31: gzip's header and trailer
+            "bz2": lambda: bz2.BZ2Compressor(1),
+            "xz": lambda: lzma.LZMACompressor(preset=0),
+        }[fmt]()
+    archive = corpus.with_name(f"{corpus.name}.{fmt}")
+    with corpus.open("rb") as src, archive.open("wb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            out.write(compressor.compress(block))
+        out.write(compressor.flush())
+    return archive
 
 
 def _status_bytes(field: str) -> int:
@@ -93,6 +125,7 @@ def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
         "baseline_rss": baseline,
         "peak_rss": _status_bytes("VmHWM") if clear_refs.exists() else max_rss(),
         "lifetime_max_rss": max_rss(),
+        "file_bytes": corpus.stat().st_size,  # what was read from disk: the archive's size for an archive
         "characters": len(tokens),
         "vocab_size": len(vocab),
         "dtype": str(tokens.dtype),
@@ -137,26 +170,32 @@ def run(args: argparse.Namespace) -> None:
         corpus_bytes = build_corpus(corpus, round(args.mb * 1e6))
         if corpus_bytes == 0:
             raise UserError(f"--mb {args.mb} is smaller than one line of text; use --mb 0.01 or more.")
-        runs: dict[str, list[dict]] = {stage: [] for stage in MEASUREMENTS}
+        archive = build_archive(corpus, args.archive) if args.archive else None
+        archive_bytes = archive.stat().st_size if archive else None
+        stages = {**MEASUREMENTS, **({ARCHIVE: f"first run from .{args.archive}"} if archive else {})}
+        runs: dict[str, list[dict]] = {stage: [] for stage in stages}
         for r in range(args.repeats):
             cache_dir = Path(tmp) / f"cache{r}"  # empty: the first call tokenizes, the second reloads
-            for stage in MEASUREMENTS:
-                result = measure_in_subprocess(corpus, cache_dir, args.preprocess)
+            for stage in stages:
+                source, cache = (archive, Path(tmp) / f"cache{r}-archive") if stage == ARCHIVE else (corpus, cache_dir)
+                result = measure_in_subprocess(source, cache, args.preprocess)
                 if stage == "cached" and not result["cache_hit"]:
                     raise UserError(
                         "load_tokens left its cache dir empty, so no reload can be measured; fix its cache."
                     )
                 runs[stage].append(result)
     first = runs["first_run"][0]
+    packed = f", .{args.archive} {archive_bytes / 1e6:.1f} MB" if archive else ""
     print(
-        f"corpus: {corpus_bytes / 1e6:.1f} MB, {first['characters']:,} characters, vocab {first['vocab_size']}"
-        f" ({first['dtype']}), data.preprocess={args.preprocess}; median of {args.repeats} run(s), MB = 10^6 bytes\n"
+        f"corpus: {corpus_bytes / 1e6:.1f} MB{packed}, {first['characters']:,} characters, vocab"
+        f" {first['vocab_size']} ({first['dtype']}), data.preprocess={args.preprocess}; median of {args.repeats}"
+        " run(s), MB = 10^6 bytes of text\n"
     )
     results = {stage: summarise(stage_runs, corpus_bytes) for stage, stage_runs in runs.items()}
     header = ["load_tokens", "seconds", "MB/s", "peak RSS MB", "import baseline MB", "above baseline MB", "x corpus"]
     rows = [
         [
-            MEASUREMENTS[stage],
+            stages[stage],
             f"{s['seconds']:.3f}",
             f"{s['mb_per_s']:,.1f}",
             f"{s['peak_rss_mb']:,.0f}",
@@ -170,12 +209,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"\ntargets: >= {TARGET_MB_S:.0f} MB/s, peak RSS above baseline <= {TARGET_MEMORY_RATIO:.0f}x corpus")
     verdict = {True: "met", False: "MISSED"}
     for stage, s in results.items():
-        print(f"  {MEASUREMENTS[stage]}: speed {verdict[s['meets_speed']]}, memory {verdict[s['meets_memory']]}")
+        print(f"  {stages[stage]}: speed {verdict[s['meets_speed']]}, memory {verdict[s['meets_memory']]}")
     report = {
         "benchmark": "tokenize",
         "machine": info,
         "corpus": {k: first[k] for k in ("characters", "vocab_size", "dtype")}
-        | {"bytes": corpus_bytes, "preprocess": args.preprocess, "repeats": args.repeats},
+        | {"bytes": corpus_bytes, "preprocess": args.preprocess, "repeats": args.repeats}
+        | ({"archive": args.archive, "archive_bytes": archive_bytes} if archive else {}),
         "targets": {"mb_per_s": TARGET_MB_S, "above_baseline_per_corpus": TARGET_MEMORY_RATIO},
         "results": results,
     }
@@ -185,6 +225,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (10^6 bytes); default 100")
+    parser.add_argument("--archive", choices=("gz", "bz2", "xz", "zst"), help="also read the corpus from this format")
+    parser.add_argument("--quick", action="store_true", help=f"to check that it runs: {QUICK}")
     parser.add_argument("--repeats", type=int, default=3, help="fresh cache dirs to measure; the median is shown")
     parser.add_argument("--preprocess", default="none", help="data.preprocess (none, d2l); default none")
     parser.add_argument("--tmp-dir", default=None, help="where to build the corpus; default the system temp dir")
@@ -192,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:  # tiny defaults; what the command line gives still wins
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     with reported_user_errors():
         if args.measure:
             print(json.dumps(measure(args.measure, args.cache_dir, args.preprocess)))

@@ -14,11 +14,13 @@ from typing import BinaryIO
 import numpy as np
 
 from charlm import UserError
+from charlm.archives import archive_format
 from charlm.corpus import (
     SEPARATOR,
     Tokenizing,
+    blank_corpus,
     blocks,
-    corpus_error,
+    check_members,
     corpus_files,
     corpus_name,
     existing_file,
@@ -33,13 +35,14 @@ _FILES = ("tokens.npy", "vocab.json", "manifest.json")  # in the order a build m
 
 
 def _cache_key(path: Path, options: tuple) -> str:
-    """SHA-1 of the corpus file, read block by block, and of the options; a blank file is an error."""
+    """SHA-1 of the corpus file (an archive's bytes as they are on disk), read block by block, and of the
+    options; a blank file is an error."""
     key, blank = hashlib.sha1(), True
     for block in blocks(path):
         key.update(block)
         blank = blank and block.isspace()
     if blank:
-        raise corpus_error(path, "is empty; pass a file with text in it as data.path")
+        raise blank_corpus([path])
     key.update(repr(options).encode())
     return key.hexdigest()[:16]
 
@@ -53,7 +56,7 @@ def _files_key(files: list[Path], options: tuple) -> str:
             key.update(block)
             blank = blank and block.isspace()
     if blank:
-        raise corpus_error(files[0], "and the other files of this corpus are empty; pass files with text in them")
+        raise blank_corpus(files)
     key.update(repr(options).encode())
     return key.hexdigest()[:16]
 
@@ -216,7 +219,8 @@ def load_files(
     """Tokenize ``files`` joined by ``sep`` once and memory-map the result on later calls; also each file's
     token count (its separator included).
 
-    The cache directory is keyed by the file's content hash plus the options that change the tokens, and
+    The cache directory is keyed by the file's content hash (an archive's: of its compressed bytes, and of the
+    ``data.members`` picked from it) plus the options that change the tokens, and
     holds ``tokens.npy`` (uint8/uint16/uint32 ids; for ``unit=byte`` the bytes themselves), ``vocab.json`` and
     ``manifest.json`` (sizes, hashes, id range). A cache that fails its check against the manifest is rebuilt,
     saying so in one line on stderr.
@@ -230,10 +234,13 @@ def load_files(
     can land between the other's removal and its next replace.) The manifest moves in last, so until one build
     has finished there is none, and a reader builds the cache without calling it damaged.
     """
+    check_members(files, options.members)
+    # A corpus with an archive is keyed by the archive's bytes as they are on disk and by what is read from it.
+    picks = ("archive", options.members) if any(archive_format(f) for f in files) else ()
     if len(files) == 1:  # the key of a one-file corpus is what it always was, so existing caches stay valid
-        key = _cache_key(files[0], (_CACHE_FORMAT, *options.key))
+        key = _cache_key(files[0], (_CACHE_FORMAT, *options.key, *picks))
     else:
-        key = _files_key(files, (_CACHE_FORMAT, *options.key, sep, len(files)))
+        key = _files_key(files, (_CACHE_FORMAT, *options.key, sep, len(files), *picks))
     cache = Path(cache_dir or "~/.cache/charlm").expanduser() / f"{name}-{key}"
     try:
         loaded = _read_cache(cache)

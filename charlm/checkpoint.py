@@ -10,6 +10,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from charlm import UserError, __version__
 
 # Version of what charlm itself stores in a checkpoint (``checkpoint["charlm"]``); Lightning versions its own part.
+# What all of a checkpoint carries for an exact resume, and which function saves and restores each piece: charlm.resume.
 #   1: charlm 0.1.0: weights, hparams (with the vocab), optimiser, loops; no "charlm" entry.
 #   2: charlm 0.2.0: + "charlm": {format, version, world_size, ranks: per-rank TBPTT state, RNG states, metric sums}.
 FORMAT = 2
@@ -44,6 +46,18 @@ def migrate(checkpoint: dict, path: str | Path) -> dict:
     if found == 1:
         checkpoint["charlm"] = {"format": FORMAT, "version": "0.1.0", "migrated_from": 1, "ranks": None}
     return checkpoint
+
+
+# The points a save passes, in order; ``write_atomic`` calls each hook of ``save_phase_hooks`` with (phase, path) at
+# each. No hook is installed in a run: tests install one that kills the process there, to show that a save stopped
+# at any phase leaves a whole checkpoint behind.
+SAVE_PHASES = ("temp-created", "temp-written", "temp-synced", "replaced", "dir-synced")
+save_phase_hooks: list[Callable[[str, Path], None]] = []
+
+
+def _save_phase(phase: str, path: Path) -> None:
+    for hook in save_phase_hooks:
+        hook(phase, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -73,10 +87,13 @@ def write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint gets the usual permissions
+        _save_phase("temp-created", path)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            _save_phase("temp-written", path)
             os.fsync(f.fileno())
+        _save_phase("temp-synced", path)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -84,11 +101,13 @@ def write_atomic(path: Path, write) -> None:
             then = "the previous file is intact: free disk space and resume from it" if existed else "free disk space"
             raise UserError(f"no space left to write {str(path)!r}; {then}.") from None
         raise
+    _save_phase("replaced", path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    _save_phase("dir-synced", path)
 
 
 def disk_full(error: BaseException) -> bool:

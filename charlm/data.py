@@ -49,8 +49,9 @@ class CharDataModule(pl.LightningDataModule):
     (``charlm.batches.BatchSchedule``) gives training batches other shapes early in the run.
 
     The corpus is one of: ``path`` (a file, a folder or a glob, cut by ``splits``); ``path`` a folder holding
-    the three ``split_files``; or ``train_path``, ``val_path`` and ``test_path``. ``preset`` names a standard
-    corpus (``Preset``'s fields), so a missing file gets an error saying where it goes and how to get it.
+    the three ``split_files``; or ``train_path``, ``val_path`` and ``test_path``. Any of these files may be
+    compressed or an archive (``charlm.archives``); ``members`` picks an archive's members. ``preset`` names a
+    standard corpus (``Preset``'s fields), so a missing file gets an error saying where it goes and how to get it.
     """
 
     def __init__(
@@ -73,12 +74,13 @@ class CharDataModule(pl.LightningDataModule):
         preset: dict | None = None,
         val_chars: int | None = None,
         schedule: Sequence[Sequence[int]] | None = None,
+        members: str | Sequence[str] | None = None,
     ):
         super().__init__()
-        self.tokenizing = Tokenizing(unit=unit, preprocess=preprocess, unk=unk)
-        self.split_paths = split_paths(path, train_path, val_path, test_path, split_files)
+        self.tokenizing = Tokenizing(unit=unit, preprocess=preprocess, unk=unk, members=members)
         if preset:
-            Preset(**preset).check(path, split_files or ())
+            path = Preset(**preset).check(path, split_files or ())
+        self.split_paths = split_paths(path, train_path, val_path, test_path, split_files)
         choice("data.batch_order", batch_order, BatchOrder)
         whole("data.batch_size", batch_size, 1, example=32)
         whole("data.seq_len", seq_len, 1, example=64)

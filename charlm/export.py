@@ -1,10 +1,11 @@
 """``charlm-export ckpt=PATH [format=onnx] [out=PATH.onnx]``: a checkpoint as one ONNX step model plus its vocab.
 
-The model is one character per stream, ``(ids [N] int64, state [S, L, N, H] float32) -> (logits [N, V],
-state_out [S, L, N, H])`` with N dynamic (S = 2 (h, C) for LSTM, else 1). It runs ``Stepper``'s math, the
-layer-0 projection table, the cell equations of ``charlm.cells`` and the decoder, so it serves every cell, fused
-or scratch, layer norm included. A consumer reads the prompt one character at a time from the zero state, then
-samples; ``<stem>.vocab.json`` beside the model holds what it needs for that (see ``vocab_metadata``).
+The model is one character per stream, ``(ids [N] int64, state [S, L, N, H] float32) -> (logits [N, V], state_out
+[S, L, N, H])`` with N dynamic and S the cell's state slots (``CellSpec.slots``: 2, h and C, for the LSTM). It runs
+``Stepper``'s math, the layer-0 projection table, the cell's step equations and the decoder, so it serves every
+registered cell, whatever its ``impl``, layer norm included. A consumer reads the prompt one character at a time
+from the zero state, then samples; ``<stem>.vocab.json`` beside the model holds what it needs for that (see
+``vocab_metadata``).
 
 Needs the ``export`` extra (onnx and onnxscript; onnxruntime to run the result); the rest of charlm does not.
 """

@@ -11,42 +11,43 @@ Regularisers beyond Zaremba (all off by default, all inactive in eval mode):
 - ``recurrent_dropout``: variational dropout on h(t-1) inside the recurrence (scratch only; leaves Zaremba).
 - ``weight_drop``: DropConnect on every W_hh, one mask per forward call (Merity et al. 2017, AWD-LSTM);
   fused layers run on the masked matrix through ``torch.func.functional_call``.
-- ``layer_norm``: layer-normalised cells (Ba et al. 2016; scratch only, but for the min cells).
+- ``layer_norm``: layer-normalised cells (Ba et al. 2016): the step equations or a parallel form, not a kernel.
 
-``cell="mingru" | "minlstm"`` (``charlm.mincells``): gates from x_t alone, trained through a parallel scan
-(``impl="fused"``) or the same equations stepped in Python (``impl="scratch"``). With no W_hh, weight-drop and
-recurrent dropout have nothing to act on and are refused; layer norm (of W_ih x) and every dropout above apply.
-``proj_size`` = P > 0 makes the LSTM an LSTMP, whose h is P wide: the layer above and the decoder take P inputs.
+The cell is a ``CellSpec`` of ``charlm.cells.CELLS``, and every choice below that depends on the cell reads it.
+``impl`` picks how a layer runs: ``fused``, the fastest whole-sequence form (torch's kernel, or for a cell without
+one, such as minGRU and minLSTM, its parallel scan); ``parallel``, that scan by its own name; ``scratch``, the
+cell's step equations looped over time in Python. A cell without W_hh refuses weight-drop and recurrent
+dropout; layer norm (of W_ih x) and every dropout above apply to it on any impl.
+``proj_size`` = P > 0 makes an LSTM an LSTMP, whose h is P wide: the layer above and the decoder take P inputs.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from charlm import UserError
-from charlm.cells import ScratchLayer
-from charlm.mincells import MIN_GATES, MinLayer
+from charlm.cells import CELLS, ScratchLayer
+from charlm.checks import choice, flag, number, options, whole
+from charlm.mincells import MinLayer
 
-# cell -> the layer that model.impl=fused builds, and its keyword arguments (MinLayer's: see make_layer).
-CELLS = {
-    "lstm": (nn.LSTM, {}),
-    "gru": (nn.GRU, {}),
-    "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
-    "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
-    "mingru": (MinLayer, {}),
-    "minlstm": (MinLayer, {}),
-}
-
-# The recurrent state of the whole stack is one tensor [S, L, B, H]: S = 2 (h, c) for LSTM, else 1 (h).
-# One shape for every cell keeps carrying, detaching and resetting state a one-liner. An LSTMP's h is only
-# P < H wide: it fills the first P columns of its slot, and the rest stay zero.
+# The recurrent state of the whole stack is one tensor [S, L, B, H]: S = the cell's slots (2 for the LSTM: h and
+# C), L layers. One shape for every cell keeps carrying, detaching and resetting state a one-liner. An LSTMP's h
+# is only P < H wide: it fills the first P columns of its slot, and the rest stay zero.
 State = torch.Tensor
-IMPLS = ("fused", "scratch")
+Impl = Literal["fused", "parallel", "scratch"]
+
+
+def impls(cell: str) -> list[str]:
+    """The ``model.impl`` values ``cell`` runs with: ``fused`` needs a torch kernel or a parallel form."""
+    spec = CELLS[cell]
+    has = {"fused": spec.fused is not None or spec.parallel is not None, "parallel": spec.parallel is not None}
+    return [impl for impl in options(Impl) if has.get(impl, True)]
 
 
 class LockedDropout(nn.Module):
@@ -70,48 +71,47 @@ class RNNConfig:
     """The network's hyperparameters: the one place that lists them and their defaults (``python train.py``'s).
 
     ``embedding_size=None`` uses ``hidden_size``; ``embedding_size=0`` feeds one-hot vectors (d2l).
-    ``tie_weights`` is on by default (Press & Wolf 2017): the decoder reuses the embedding matrix, which on The
-    Time Machine's default run lowered test bits per character by ~0.1 (README, Results); an embedding of
-    another width (one-hot, or not the LSTMP's proj_size) needs ``tie_weights=False``.
+    ``tie_weights`` is on by default (Press & Wolf 2017): the decoder reuses the embedding matrix, fewer
+    parameters that train to a lower loss on the default run (README, Results); an embedding of another width
+    (one-hot, or not the LSTMP's proj_size) needs ``tie_weights=False``.
     ``init_scale`` draws every parameter from U(-s, s) as Zaremba et al. do; None keeps torch's init.
     ``impl``, ``locked_dropout``, ``recurrent_dropout``, ``weight_drop`` and ``layer_norm``: see the module doc.
     Validated on construction; every error is one sentence naming the ``model.*`` setting to change.
     """
 
-    cell: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu | mingru | minlstm
+    cell: str = "lstm"  # a registered cell (charlm.cells.CELLS): lstm | gru | rnn_tanh | rnn_relu | mingru | minlstm
     num_layers: int = 2
     hidden_size: int = 256
     embedding_size: int | None = None  # None: = hidden_size; 0: one-hot input (d2l)
     dropout: float = 0.3  # Zaremba: after the embedding, between layers, before the decoder; never recurrent
     tie_weights: bool = True  # share embedding and decoder weights (needs embedding_size = hidden_size, or proj_size)
     init_scale: float | None = None  # U(-s, s) init for every weight (Zaremba); None: torch's default
-    impl: str = "fused"  # fused: torch's cuDNN/oneDNN kernels | scratch: the cell equations of charlm/cells.py
+    impl: Impl = "fused"  # fused: torch's kernel, else the cell's parallel form | parallel | scratch: its equations
     locked_dropout: bool = False  # one dropout mask per sequence, shared across time (Gal & Ghahramani)
     recurrent_dropout: float = 0.0  # variational dropout on h(t-1); impl=scratch only (leaves Zaremba)
     weight_drop: float = 0.0  # DropConnect on W_hh, one mask per batch (AWD-LSTM); fused or scratch
-    layer_norm: bool = False  # layer-normalised cells (Ba et al.); impl=scratch only, but for the min cells
+    layer_norm: bool = False  # layer-normalised cells (Ba et al.); not in torch's fused kernels
     proj_size: int = 0  # LSTMP: h_t = W_hr (o_t * tanh C_t), P < hidden_size wide (cell=lstm); 0: no projection
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cell, str) or self.cell not in CELLS:
-            raise UserError(f"model.cell={self.cell!r} is not a known cell; use one of {', '.join(CELLS)}.")
-        for name, minimum in (("num_layers", 1), ("hidden_size", 1), ("proj_size", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UserError(f"model.{name}={value!r} must be a whole number >= {minimum}; e.g. model.{name}=2.")
-        emb = self.embedding_size
-        if emb is not None and (isinstance(emb, bool) or not isinstance(emb, int) or emb < 0):
-            raise UserError(f"model.embedding_size={emb!r} must be >= 0 (0 means one-hot input, null = hidden_size).")
+        spec = CELLS[choice("model.cell", self.cell, CELLS)]
+        for name in ("num_layers", "hidden_size", "proj_size"):
+            whole(f"model.{name}", getattr(self, name), 0 if name == "proj_size" else 1, example=2)
+        if self.embedding_size is not None:  # null: as wide as hidden_size
+            whole("model.embedding_size", self.embedding_size, 0, example="null")
         for name in ("dropout", "recurrent_dropout", "weight_drop"):
-            p = getattr(self, name)
-            if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
-                raise UserError(f"model.{name}={p!r} must be in [0, 1); e.g. model.{name}=0.2.")
+            number(f"model.{name}", getattr(self, name), 0, 1, high_open=True, example=0.2)
         for name in ("tie_weights", "locked_dropout", "layer_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"model.{name}={getattr(self, name)!r} must be true or false.")
-        if not isinstance(self.impl, str) or self.impl not in IMPLS:
-            raise UserError(f"model.impl={self.impl!r} is not known; use model.impl=fused or model.impl=scratch.")
-        if self.cell in MIN_GATES:
+            flag(f"model.{name}", getattr(self, name))
+        if self.init_scale is not None:  # null: torch's default init
+            number("model.init_scale", self.init_scale, 0, low_open=True, example=0.05)
+        choice("model.impl", self.impl, Impl)
+        if self.impl not in impls(self.cell):
+            raise UserError(
+                f"model.cell={self.cell} has no {self.impl} implementation;"
+                f" use model.impl={' or model.impl='.join(impls(self.cell))}."
+            )
+        if not spec.recurrent:
             for name, what in (
                 ("weight_drop", "drops entries of W_hh"),
                 ("recurrent_dropout", "drops h(t-1) in W_hh h(t-1)"),
@@ -121,24 +121,21 @@ class RNNConfig:
                         f"model.{name} {what}, but model.cell={self.cell} has no W_hh (its gates read x_t alone);"
                         f" set model.{name}=0, or regularise with model.dropout or model.locked_dropout."
                     )
-        if self.proj_size and self.cell != "lstm":
-            raise UserError(
-                f"model.proj_size projects an LSTM's h, not a {self.cell}'s; set model.proj_size=0 or model.cell=lstm."
-            )
+        if self.proj_size and not spec.projects:
+            cells = " or ".join(f"model.cell={name}" for name, s in CELLS.items() if s.projects)
+            raise UserError(f"model.cell={self.cell} cannot project its h; set model.proj_size=0 or {cells}.")
         if self.proj_size >= self.hidden_size:
             raise UserError(
                 f"model.proj_size={self.proj_size} must be smaller than model.hidden_size={self.hidden_size};"
                 f" e.g. model.proj_size={self.hidden_size // 2}, or 0 for no projection."
             )
         for name, on in (("recurrent_dropout", self.recurrent_dropout > 0), ("layer_norm", self.layer_norm)):
-            if on and self.impl == "fused" and self.cell not in MIN_GATES:
+            if on and self.kernel:
                 raise UserError(
                     f"model.{name} needs the cell equations, which fused kernels hide; set model.impl=scratch."
                 )
-        scale = self.init_scale
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0):
-            raise UserError(f"model.init_scale={scale!r} must be positive, or null for torch's default init.")
         if self.tie_weights and self.input_size != self.output_size:
+            emb = self.embedding_size
             if self.proj_size:
                 raise UserError(
                     f"model.tie_weights needs embedding_size == proj_size (got {emb} vs {self.proj_size});"
@@ -148,6 +145,11 @@ class RNNConfig:
                 f"model.tie_weights needs embedding_size == hidden_size (got {emb} vs {self.hidden_size});"
                 " set model.embedding_size=null or model.tie_weights=false."
             )
+
+    @property
+    def kernel(self) -> bool:
+        """Whether the layers are torch's fused kernel (``impl=fused`` for a cell that has one)."""
+        return self.impl == "fused" and CELLS[self.cell].fused is not None
 
     @property
     def input_size(self) -> int:
@@ -161,16 +163,19 @@ class RNNConfig:
 
 
 def make_layer(cfg: RNNConfig, input_size: int) -> nn.Module:
-    """One recurrent layer of ``cfg``: a fused torch layer, a ``ScratchLayer`` or a ``MinLayer``."""
-    if cfg.cell in MIN_GATES:
-        return MinLayer(cfg.cell, input_size, cfg.hidden_size, parallel=cfg.impl == "fused", layer_norm=cfg.layer_norm)
-    if cfg.impl == "scratch":
-        return ScratchLayer(
-            cfg.cell, input_size, cfg.hidden_size, cfg.recurrent_dropout, cfg.layer_norm, proj_size=cfg.proj_size
-        )
-    rnn_cls, kwargs = CELLS[cfg.cell]
-    proj = {"proj_size": cfg.proj_size} if cfg.proj_size else {}  # nn.GRU / nn.RNN refuse the argument
-    return rnn_cls(input_size, cfg.hidden_size, batch_first=True, **kwargs, **proj)
+    """One recurrent layer of ``cfg``: torch's fused kernel, a ``ScratchLayer`` (the step loop of a cell with
+    W_hh) or a ``MinLayer`` (a cell whose gates read x_t alone: its parallel form or its step loop)."""
+    spec = CELLS[cfg.cell]
+    if cfg.kernel:
+        kernel, kwargs = spec.fused
+        proj = {"proj_size": cfg.proj_size} if cfg.proj_size else {}  # nn.GRU / nn.RNN refuse the argument
+        return kernel(input_size, cfg.hidden_size, batch_first=True, **kwargs, **proj)
+    if not spec.recurrent:
+        parallel = cfg.impl != "scratch"
+        return MinLayer(cfg.cell, input_size, cfg.hidden_size, parallel=parallel, layer_norm=cfg.layer_norm)
+    return ScratchLayer(
+        cfg.cell, input_size, cfg.hidden_size, cfg.recurrent_dropout, cfg.layer_norm, proj_size=cfg.proj_size
+    )
 
 
 class RNNStack(nn.Module):
@@ -183,6 +188,7 @@ class RNNStack(nn.Module):
             raise UserError("the vocab is empty; train on a non-empty corpus.")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.cell, self.num_layers, self.hidden_size = cfg.cell, cfg.num_layers, cfg.hidden_size
+        self.spec = CELLS[cfg.cell]
         self.impl, self.weight_drop = cfg.impl, cfg.weight_drop
         emb = cfg.input_size
         self.embedding = nn.Embedding(vocab_size, emb) if emb else None
@@ -201,7 +207,7 @@ class RNNStack(nn.Module):
 
     @property
     def state_slots(self) -> int:
-        return 2 if self.cell == "lstm" else 1
+        return self.spec.slots
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return torch.zeros(self.state_slots, self.num_layers, batch_size, self.hidden_size, device=device)
@@ -225,13 +231,12 @@ class RNNStack(nn.Module):
         weight_hh = None
         if self.training and self.weight_drop > 0:  # DropConnect: one W_hh mask for the whole batch and sequence
             weight_hh = F.dropout(layer.weight_hh_l0, self.weight_drop, training=True)
-        if isinstance(layer, MinLayer):
-            return layer(h, state)
-        if isinstance(layer, ScratchLayer):
+        if not isinstance(layer, nn.RNNBase):  # a ScratchLayer or MinLayer: [S, B, H] in and out
             return layer(h, state, weight_hh)
+        # torch's kernels take h [1, B, P] alone, or the tuple (h, C) where the cell carries a memory too
         p = self.cfg.output_size
-        layer_state = (state[0:1, :, :p], state[1:2]) if self.cell == "lstm" else state[0:1]  # h [1, B, P], C
-        fp32 = self.cell == "lstm" and _cpu_fp16_autocast(h)
+        layer_state = (state[0:1, :, :p], *state[1:].split(1)) if self.spec.slots > 1 else state[0:1]
+        fp32 = isinstance(layer, nn.LSTM) and _cpu_fp16_autocast(h)
         if fp32:  # oneDNN has no fp16 LSTM kernel (torch 2.13: "could not create a primitive descriptor")
             h, layer_state = h.float(), tuple(s.float() for s in layer_state)
         with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
@@ -239,10 +244,10 @@ class RNNStack(nn.Module):
                 h, layer_state = layer(h, layer_state)
             else:
                 h, layer_state = torch.func.functional_call(layer, {"weight_hh_l0": weight_hh}, (h, layer_state))
-        if self.cell != "lstm":
+        if self.spec.slots == 1:
             return h, layer_state
-        h_n, c_n = layer_state  # [1, B, P], [1, B, H]
-        return h, torch.cat((F.pad(h_n, (0, self.hidden_size - p)), c_n))  # [2, B, H]
+        h_n, *rest = layer_state  # [1, B, P], then [1, B, H] each
+        return h, torch.cat((F.pad(h_n, (0, self.hidden_size - p)), *rest))  # [S, B, H]
 
 
 def _cpu_fp16_autocast(h: torch.Tensor) -> bool:

@@ -121,12 +121,18 @@ class CharLM(pl.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         # compute() all-reduces the weighted sums across ranks: exp(total NLL / total tokens), not a mean of ppl.
         loss = self.nll[f"{stage}_nll"].compute()
-        self.nll[f"{stage}_nll"].reset()
+        if stage != "train":  # train's sums live until the next epoch starts (on_train_epoch_start)
+            self.nll[f"{stage}_nll"].reset()
         name, bits = self.val_name if stage == "val" else stage, self.vocab.bits  # bits: bpc, or bpb for bytes
         self.log_dict(
             {f"{name}/loss": loss, f"{name}/ppl": loss.exp(), f"{name}/{bits}": loss / math.log(2)},
             prog_bar=name == "val",
         )
+
+    def on_train_epoch_start(self) -> None:
+        # Reset here, not when the epoch's loss is logged: the last.ckpt of an epoch that a stop cut short is written
+        # after that (reopen_cut_epoch), and its resume must go on summing the same epoch.
+        self.nll["train_nll"].reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -65,7 +65,9 @@ class StreamEncoder:
 
     ``write`` takes blocks cut anywhere, even inside a character, and appends each block's first-seen ids
     to ``scratch``, a binary file, so memory holds one block. After the last block, ``vocab`` is the vocab
-    of the whole text and ``ids`` reads the text back from ``scratch`` in that vocab's ids.
+    of the whole text and ``ids`` reads the text back from ``scratch`` in that vocab's ids: all of it in the
+    order written, or runs of blocks in any order (members of an archive arrive in its order, and are joined
+    in name order).
     """
 
     def __init__(self, scratch: BinaryIO):
@@ -75,9 +77,15 @@ class StreamEncoder:
         self._decoder = codecs.getincrementaldecoder("utf-8")()  # holds back a character cut by a block's end
         self._seen = FirstSeenIds()
         self._sizes: list[tuple[np.dtype, int]] = []  # dtype and length of each block's first-seen ids
+        self._tokens = 0
 
     def __len__(self) -> int:
-        return sum(n for _, n in self._sizes)
+        return self._tokens
+
+    @property
+    def blocks(self) -> int:
+        """Blocks written so far; ``ids`` reads back any ``range`` of them."""
+        return len(self._sizes)
 
     def write(self, block: bytes, final: bool = False) -> None:
         """Encode the next block; ``final`` marks the end of the text, so a cut character there is an error."""
@@ -86,16 +94,20 @@ class StreamEncoder:
         self._fed += len(block)
         self.scratch.write(ids)
         self._sizes.append((ids.dtype, len(ids)))
+        self._tokens += len(ids)
 
     def vocab(self, unk: str | None = None) -> CharVocab:
         return CharVocab(self._seen.chars, unk=unk)
 
-    def ids(self, vocab: CharVocab) -> Iterator[np.ndarray]:
-        """The text's ids in ``vocab`` (a vocab of at least its characters), block by block."""
+    def ids(self, vocab: CharVocab, runs: Iterable[range] | None = None) -> Iterator[np.ndarray]:
+        """The text's ids in ``vocab`` (a vocab of at least its characters), block by block: every block in
+        order, or the blocks of each of ``runs`` (ranges of block numbers, repeats allowed) in turn."""
         renumber = vocab.encode(self._seen.chars)  # first-seen id -> vocab id, in the vocab's dtype
-        self.scratch.seek(0)
-        for dtype, n in self._sizes:
-            yield renumber.take(np.frombuffer(self.scratch.read(n * dtype.itemsize), dtype))
+        offsets = np.cumsum([0] + [dtype.itemsize * n for dtype, n in self._sizes])
+        for run in [range(self.blocks)] if runs is None else runs:
+            self.scratch.seek(int(offsets[run.start]) if run else 0)
+            for dtype, n in self._sizes[run.start : run.stop]:
+                yield renumber.take(np.frombuffer(self.scratch.read(n * dtype.itemsize), dtype))
 
 
 class CharVocab:

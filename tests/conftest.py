@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from omegaconf import DictConfig
@@ -58,6 +59,26 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+class TinyRun(NamedTuple):
+    out: Path
+    metrics: dict[str, float]
+    corpus: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One finished tiny run (``tiny_overrides``: 2 epochs, TensorBoard, test), shared by every test file: its
+    directory, final metrics and corpus. Tests read it or resume from its checkpoints into directories of their
+    own; a run pointed at its directory must be refused."""
+    from charlm.cli import train
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp / "out"
+    return TinyRun(out, train(compose_train(tiny_overrides(corpus, out))), corpus)
+
+
 def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     return compose(overrides, config_name="train", return_hydra_config=return_hydra_config)
 
@@ -87,8 +108,20 @@ def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
     return _run([sys.executable, "-m", name, *args], cwd)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
+def run_python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run Python source in a fresh interpreter (``python -c CODE ARGS``), e.g. to change something before charlm
+    is imported."""
+    return _run([sys.executable, "-c", code, *args], cwd)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, match: str, code: int = 2, started: bool = False) -> str:
+    """A process that failed as a UserError does: exit ``code`` (a Diverged run: 3), no traceback, and one
+    ``error: `` line holding ``match``, which is all of stderr; or, once training ``started`` (Lightning logs its
+    own lines first), its last line. Returns that line."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert match in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert (lines[-1:] if started else lines) == errors, proc.stderr[-3000:]
+    assert match in errors[0], errors[0]
+    return errors[0]

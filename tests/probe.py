@@ -1,5 +1,5 @@
 """Callbacks the tests inject from the command line (+callbacks.NAME._target_=tests.probe.X): they record batches,
-kill the run at a chosen step, or replace the wall clock with one that advances per step."""
+kill the run at a chosen step or inside a save, stop it, or replace the wall clock with one that advances per step."""
 
 import os
 import signal
@@ -9,6 +9,8 @@ import types
 import numpy as np
 import pytorch_lightning as pl
 import pytorch_lightning.callbacks.timer
+
+import charlm.checkpoint
 
 
 class RecordBatches(pl.Callback):
@@ -48,6 +50,26 @@ class KillAt(pl.Callback):
 
 
 signal_module = signal
+
+
+class KillInSave(pl.Callback):
+    """SIGKILL this process at ``phase`` (``charlm.checkpoint.SAVE_PHASES``) of the ``nth`` write of ``name``."""
+
+    def __init__(self, phase: str, nth: int = 2, name: str = "last.ckpt"):
+        assert phase in charlm.checkpoint.SAVE_PHASES, phase
+        self.phase, self.nth, self.name, self.reached = phase, nth, name, 0
+
+    def _hook(self, phase, path):
+        if phase == self.phase and path.name == self.name:
+            self.reached += 1
+            if self.reached == self.nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def setup(self, trainer, pl_module, stage):
+        charlm.checkpoint.save_phase_hooks.append(self._hook)
+
+    def teardown(self, trainer, pl_module, stage):
+        charlm.checkpoint.save_phase_hooks.remove(self._hook)
 
 
 class StepClock(pl.Callback):
@@ -110,3 +132,15 @@ class RecordValidations(pl.Callback):
         if not trainer.sanity_checking:
             with open(f"{self.out}/validations.txt", "a") as f:
                 f.write(f"{trainer.global_step}\n")
+
+
+class StopAt(pl.Callback):
+    """Stop the run after optimizer step ``step``, as ``max_steps`` or ``max_time`` would, without changing the
+    run's limits (which a step- or time-annealed schedule reads): the epoch end hooks save ``last.ckpt`` there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True

@@ -49,16 +49,24 @@ def test_tokenize_speed_reports_first_run_and_cached_reload(tmp_path):
     )
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"]
-    corpus = report["corpus"]
-    assert 0.99e6 < corpus["bytes"] <= 1e6
-    assert corpus["vocab_size"] > 100 and 0 < corpus["characters"] < corpus["bytes"]  # multi-byte characters
+    # the corpus the benchmark built and tokenized is the one build_corpus builds: every character counted once
+    written = build_corpus(tmp_path / "same.txt", 1_000_000)
+    text = (tmp_path / "same.txt").read_text(encoding="utf-8")
+    vocab = len(set(text) | {"\ufffd"})  # and the unknown-character token
+    counted = {"bytes": written, "characters": len(text), "vocab_size": vocab, "dtype": "uint8"}
+    assert report["corpus"] == counted | {"preprocess": "none", "repeats": 1}
     for stage in ("first_run", "cached"):
         r = report["results"][stage]
-        assert r["seconds"] > 0 and r["mb_per_s"] > 0
+        (run,) = r["runs"]
+        assert (run["characters"], run["vocab_size"], run["cache_hit"]) == (len(text), vocab, stage == "cached")
+        # the figures are the measured run's, over the corpus's bytes, judged against the stated targets
+        assert r["seconds"] == run["seconds"] and r["mb_per_s"] == pytest.approx(written / 1e6 / run["seconds"])
+        above = run["peak_rss"] - run["baseline_rss"]
+        assert r["above_baseline_mb"] == pytest.approx(above / 1e6)
+        assert r["above_baseline_per_corpus"] == pytest.approx(above / written)
         assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 10  # the baseline holds torch and Lightning
-        assert r["above_baseline_mb"] >= 0 and r["above_baseline_per_corpus"] >= 0
-        assert isinstance(r["meets_speed"], bool) and isinstance(r["meets_memory"], bool)
-        assert [run["cache_hit"] for run in r["runs"]] == [stage == "cached"]
+        assert r["meets_speed"] == (r["mb_per_s"] >= report["targets"]["mb_per_s"])
+        assert r["meets_memory"] == (r["above_baseline_per_corpus"] <= report["targets"]["above_baseline_per_corpus"])
     assert not list(tmp_path.glob("charlm-bench-*")), "the temporary corpus and caches are removed"
 
 

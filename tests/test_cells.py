@@ -1,12 +1,14 @@
 """The cell equations of charlm/cells.py against torch's fused kernels, autograd, and the seed articles' math."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from charlm.cells import GATES, ScratchLayer
-from charlm.model import CELLS, RNNStack
+from charlm.cells import CELLS, ScratchLayer, cells_with, gru_step, register_cell
+from charlm.model import RNNStack
 from tests.conftest import rnn
 
 V = 11
@@ -91,13 +93,13 @@ def test_lstmp_with_weight_drop_drops_the_same_w_hh_in_both_implementations():
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
-# The cells ScratchLayer runs, and the LSTMP; the min cells: tests/test_mincells.py.
-@pytest.mark.parametrize("cell, proj_size", [(cell, 0) for cell in GATES] + [("lstm", 2)])
+# The cells ScratchLayer runs (those with W_hh), and the LSTMP; the min cells: tests/test_mincells.py.
+@pytest.mark.parametrize("cell, proj_size", [(cell, 0) for cell in cells_with(lambda s: s.recurrent)] + [("lstm", 2)])
 def test_gradcheck_float64(cell, proj_size, layer_norm):
     torch.manual_seed(0)
     layer = ScratchLayer(cell, 3, 4, layer_norm=layer_norm, proj_size=proj_size).double()
     names = [name for name, _ in layer.named_parameters()]
-    slots = 2 if cell == "lstm" else 1
+    slots = CELLS[cell].slots
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     state = torch.randn(slots, 2, 4, dtype=torch.float64, requires_grad=True)
 
@@ -204,3 +206,27 @@ def test_numpy_reference_forward_equals_the_scratch_cell(cell, f):
     np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(state[0, 0].numpy(), ref.state_t, rtol=1e-12, atol=1e-12)
     assert (expected > 0.1).any()  # a live layer, not all zeros
+
+
+# ---- the registry ----
+
+
+def test_a_cell_name_is_registered_once():
+    with pytest.raises(ValueError, match="'gru' is registered already"):
+        register_cell(replace(CELLS["gru"]))
+    assert CELLS["gru"].step is gru_step
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ({"parallel": lambda gi, h0: gi}, "a parallel form needs gates that read x_t alone"),
+        ({"slots": 1, "norm_c": False}, "norm_c and projects act on a memory C besides h"),
+        ({"order": (0, 1, 2, 2)}, "order must list each of the 4 blocks once"),
+        ({"recurrent": False, "parallel": None}, "summed adds W_hh h to W_ih x"),
+    ],
+)
+def test_a_spec_that_contradicts_itself_is_refused(bad, why):
+    """Each derived from the LSTM's spec by one or two fields."""
+    with pytest.raises(ValueError, match=why):
+        replace(CELLS["lstm"], **bad)

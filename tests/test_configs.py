@@ -4,6 +4,7 @@ trainer preset sets what it claims."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from charlm.generation import GenerationConfig
 from charlm.model import CELLS, RNNConfig
 from charlm.module import CharLM
 from charlm.optim import OptimConfig
-from tests.conftest import ROOT, compose_generate, compose_train, make_text, run_cli, tiny_overrides
+from tests.conftest import ROOT, compose_generate, compose_train, make_text, run_cli, run_python, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
 SETTINGS = {"rnn_cfg": RNNConfig, "optim_cfg": OptimConfig}
@@ -53,7 +54,7 @@ def assert_model_is_the_config(model: CharLM, cfg, vocab: dict) -> None:
         )
     assert dict(model.hparams) == {"vocab": vocab, **settings}  # what a checkpoint rebuilds the model from
     net, m = model.net, cfg.model
-    layer_cls = CELLS[m.cell][0] if m.impl == "fused" else None
+    layer_cls = CELLS[m.cell].fused[0] if m.impl == "fused" and CELLS[m.cell].fused else None
     assert (net.cell, net.num_layers, net.hidden_size, len(net.layers)) == (
         m.cell,
         m.num_layers,
@@ -148,10 +149,37 @@ def test_the_default_run_builds_charlm_with_no_settings(tmp_path, cache_dir):
     assert_trainer_is_the_config(trainer, cfg.trainer)
 
 
-def test_the_default_data_is_a_datamodule_with_no_settings(tmp_path):
-    cfg = compose_train([f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"])
-    assert cfg.data.path == str(DATA_DIR / "timemachine.txt")
-    assert_data_is_the_config(CharDataModule(cfg.data.path), cfg.data)
+# Run in a fresh process: it changes two defaults in Python before charlm.config (which builds the config nodes
+# from them) is imported, then prints what the default config holds and what it builds.
+CHANGED_DEFAULTS = """
+import inspect, json, sys
+from charlm.data import CharDataModule
+from charlm.model import RNNConfig
+
+init = CharDataModule.__init__
+named = [p.name for p in inspect.signature(init).parameters.values() if p.default is not p.empty]
+init.__defaults__ = tuple(24 if name == "batch_size" else d for name, d in zip(named, init.__defaults__, strict=True))
+RNNConfig.__init__.__kwdefaults__["hidden_size"] = 48
+
+from hydra.utils import instantiate
+from charlm.config import compose
+
+cfg = compose([f"paths.output_dir={sys.argv[1]}", f"paths.cache_dir={sys.argv[1]}"])
+dm, model = instantiate(cfg.data), instantiate(cfg.model, vocab={"chars": "ab", "unk": None})
+composed = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "hidden_size": cfg.model.hidden_size}
+built = {"batch_size": dm.batch_size, "seq_len": dm.seq_len, "hidden_size": model.net.hidden_size}
+print(json.dumps({"path": cfg.data.path, "composed": composed, "built": built}))
+"""
+
+
+def test_a_default_changed_in_python_is_the_default_a_user_composes_and_builds(tmp_path):
+    """No yaml file restates a default: data.batch_size and model.hidden_size changed in CharDataModule's signature
+    and in RNNConfig are what charlm-train's default config holds and what it builds; the rest stays."""
+    proc = run_python(CHANGED_DEFAULTS, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["composed"] == seen["built"] == {"batch_size": 24, "seq_len": 64, "hidden_size": 48}
+    assert seen["path"] == str(DATA_DIR / "timemachine.txt")
 
 
 def test_the_default_run_is_the_one_the_readme_measured(tmp_path):
@@ -174,7 +202,6 @@ def test_every_sampler_uses_the_sampling_defaults(tmp_path):
     default = asdict(GenerationConfig())
     generate_cfg = compose_generate([])
     assert {name: generate_cfg[name] for name in default} == default
-    assert TextSample().settings == GenerationConfig()
     train_cfg = compose_train([f"paths.output_dir={tmp_path}"])
     assert instantiate(train_cfg.callbacks.text_sample).settings == GenerationConfig()
     told = compose_generate(["temperature=0.5", "top_k=3", "top_p=0.9", "stop=ab"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -42,16 +43,16 @@ def run_exports(*arg_lists: list[str]) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    """cell -> a tiny trained checkpoint, exported by the CLI to <stem>.onnx and <stem>.vocab.json beside it."""
+def exported(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """cell -> a tiny trained checkpoint (lstm: a copy of the shared tiny run's), exported by the CLI to
+    <stem>.onnx and <stem>.vocab.json beside it."""
     tmp = tmp_path_factory.mktemp("export")
-    corpus = tmp / "tiny.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    ckpts = {}
-    for cell in CELLS:
+    ckpts = {"lstm": tmp / "lstm.ckpt"}
+    shutil.copyfile(tiny_run.out / "checkpoints/best.ckpt", ckpts["lstm"])
+    for cell in set(CELLS) - set(ckpts):
         out = tmp / cell
         extra = (f"model={cell}", "trainer.max_epochs=1", "logger=none", "test=false", "sample_length=0")
-        train(compose_train(tiny_overrides(corpus, out, *extra)))
+        train(compose_train(tiny_overrides(tiny_run.corpus, out, *extra)))
         ckpts[cell] = out / "checkpoints/best.ckpt"
     for proc in run_exports(*([f"ckpt={ckpt}"] for ckpt in ckpts.values())):
         assert proc.returncode == 0, proc.stderr[-2000:]

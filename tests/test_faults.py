@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from charlm import Diverged, UserError, __version__, user_error_in
+from charlm import UserError, __version__, user_error_in
 from charlm.callbacks import LastCheckpoint, NonFiniteGuard
-from charlm.checkpoint import FORMAT, AtomicCheckpointIO
+from charlm.checkpoint import FORMAT, SAVE_PHASES, AtomicCheckpointIO
 from charlm.cli import sample, train
 from charlm.config import build
 from charlm.generation import GenerationConfig, sample_text
@@ -37,30 +36,9 @@ def sha(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """One tiny finished run: (its directory, its corpus)."""
-    tmp = tmp_path_factory.mktemp("faults")
-    corpus = tmp / "tiny.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    out = tmp / "run"
-    train(compose_train(tiny_overrides(corpus, out, "trainer.max_epochs=1", "logger=none", "callbacks=no_logger")))
-    return out, corpus
-
-
 def all_finite(path: Path) -> bool:
     sd = torch.load(path, weights_only=True)["state_dict"]
     return all(torch.isfinite(t).all() for t in sd.values())
-
-
-def assert_error_line(proc: subprocess.CompletedProcess, code: int, match: str) -> str:
-    """A failure during training: exit ``code``, no traceback, and its last stderr line the one error sentence
-    (Lightning's own log lines may come before it)."""
-    assert proc.returncode == code, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == errors[0] and match in errors[0], errors[0]
-    return errors[0]
 
 
 # ---- 1. last.ckpt is the latest state ----
@@ -97,8 +75,7 @@ def test_last_ckpt_is_refreshed_inside_an_epoch_by_steps_and_by_the_clock(tmp_pa
     assert saves[-1] == 10
 
 
-def test_a_run_stopped_by_max_steps_inside_an_epoch_leaves_its_final_step_in_last_ckpt(run_dir, tmp_path):
-    _, corpus = run_dir
+def test_a_run_stopped_by_max_steps_inside_an_epoch_leaves_its_final_step_in_last_ckpt(corpus, tmp_path):
     out = tmp_path / "steps"
     steps = ["trainer.max_steps=100", "trainer.max_epochs=3", "logger=none", "callbacks=no_logger", "test=false"]
     train(compose_train(tiny_overrides(corpus, out, *steps)))  # stops 16 steps into epoch 1
@@ -131,9 +108,8 @@ def _mount_tmpfs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
 
 
-def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(run_dir, tmp_path):
+def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(corpus, tmp_path):
     """A real full disk: the run directory on a 600 KB tmpfs, where a third 240 KB checkpoint cannot be written."""
-    _, corpus = run_dir
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "600k")
     try:
@@ -141,7 +117,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_checkpoints(run_d
         args = tiny_overrides(corpus, out, "trainer.max_epochs=3", "logger=none", "callbacks=no_logger")
         args.append("model.tie_weights=false")  # the checkpoint size the tmpfs was sized for
         proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
-        assert_error_line(proc, 2, "no space left to write")
+        assert_user_error(proc, "no space left to write", started=True)
         ckpts = sorted((out / "checkpoints").iterdir())
         assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]  # no partial file under any name
         for p in ckpts:
@@ -163,7 +139,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
         args = tiny_overrides(corpus, out, *short, "trainer.precision=32-true", "logger=none", "callbacks=no_logger")
         args += ["model.tie_weights=false", "model.hidden_size=64"]  # about 800 KB with the optimiser state
         proc = run_cli("train.py", *args, f"hydra.run.dir={out}", "hydra/job_logging=disabled")
-        line = assert_error_line(proc, 2, "no space left to write")
+        line = assert_user_error(proc, "no space left to write", started=True)
         assert line.endswith("; free disk space.")  # there was no previous file to keep
         assert list((out / "checkpoints").iterdir()) == []  # no partial file under any name
     finally:
@@ -171,42 +147,37 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
-def test_sigkill_during_saves_across_filesystems_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
-    """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's save moved its temporary file across them,
-    a truncate-and-copy that a kill left half-written. Forked savers are killed at 16 points spread over a save."""
+@pytest.mark.parametrize("phase", SAVE_PHASES)
+def test_sigkill_at_each_phase_of_a_save_across_filesystems_leaves_a_whole_checkpoint(
+    corpus, tmp_path, monkeypatch, phase
+):
+    """The run directory on a tmpfs, $TMPDIR on the disk: Lightning's own save moved its temporary file across them,
+    a truncate-and-copy that a kill left half-written. Killed at ``phase`` of its second last.ckpt save (step 10),
+    the run leaves the whole step-5 checkpoint, or once the new file is in place the whole step-10 one; it resumes
+    from it, and its next save removes the killed save's temporary file."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
-    shm = Path("/dev/shm") / f"charlm-test-{os.getpid()}"
-    shm.mkdir()
-    big = {"w": torch.randn(16 * 1024 * 1024 // 4)}  # 16 MB
+    shm = Path(tempfile.mkdtemp(prefix="charlm-test-", dir="/dev/shm"))
+    out = shm / "run"
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "test=false"]
+    short += ["callbacks.last_checkpoint.every_n_train_steps=5", "callbacks.last_checkpoint.every_n_minutes=0"]
+    args = tiny_overrides(corpus, out, *short, "logger=none", "callbacks=no_logger", "sample_length=0")
+    kill = ["+callbacks.kill._target_=tests.probe.KillInSave", f"+callbacks.kill.phase={phase}"]
     try:
-        target = shm / "last.ckpt"
-        start = time.perf_counter()
-        AtomicCheckpointIO().save_checkpoint(big, target)
-        save_s = time.perf_counter() - start
-        for k in range(16):
-            pid = os.fork()
-            if pid == 0:  # the saver: saves until killed
-                try:
-                    while True:
-                        AtomicCheckpointIO().save_checkpoint(big, target)
-                finally:
-                    os._exit(1)
-            time.sleep(0.05 + save_s * (1 + k / 8))  # into the 2nd / 3rd save, at 16 phases
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            w = torch.load(target, weights_only=True)["w"]  # whole: the old file or a complete new one
-            assert torch.equal(w, big["w"]), f"kill {k}"
-        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(4)}, target)
-        assert [p.name for p in shm.iterdir()] == ["last.ckpt"]  # a killed save's temporary file is cleaned up
+        proc = run_cli("train.py", *args, *kill, f"hydra.run.dir={out}")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # the save went through write_atomic
+        last = out / "checkpoints/last.ckpt"
+        new = SAVE_PHASES.index(phase) >= SAVE_PHASES.index("replaced")
+        load_checkpoint(last)  # whole: a damaged file raises a UserError here
+        assert torch.load(last, weights_only=True)["global_step"] == (10 if new else 5)
+        train(compose_train([*args, f"ckpt_path={last}"]))
+        assert torch.load(last, weights_only=True)["global_step"] == 20
+        assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     finally:
-        for p in shm.iterdir():
-            p.unlink()
-        shm.rmdir()
+        shutil.rmtree(shm)
 
 
-def test_the_trainer_saves_through_the_atomic_checkpoint_io(run_dir, tmp_path):
-    _, corpus = run_dir
+def test_the_trainer_saves_through_the_atomic_checkpoint_io(corpus, tmp_path):
     _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "o")))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
@@ -221,8 +192,8 @@ def test_two_runs_started_at_the_same_moment_get_their_own_directories(tmp_path)
     assert dirs[0] != dirs[1]
 
 
-def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_told_to(run_dir, tmp_path):
-    out, corpus = run_dir
+def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_told_to(tiny_run, tmp_path):
+    out, _, corpus = tiny_run
     before = {p.name: sha(p) for p in (out / "checkpoints").iterdir()}
     args = tiny_overrides(corpus, out, "logger=none", "callbacks=no_logger", f"hydra.run.dir={out}")
     assert_user_error(run_cli("train.py", *args), "already holds checkpoints (best.ckpt, last.ckpt)")
@@ -231,9 +202,9 @@ def test_a_run_into_a_directory_with_checkpoints_is_refused_unless_resuming_or_t
     (copy / "checkpoints").mkdir(parents=True)
     for name, data in before.items():
         (copy / "checkpoints" / name).write_bytes(data)
-    resume = [f"ckpt_path={copy}/checkpoints/last.ckpt", "trainer.max_epochs=2", "test=false"]
+    resume = [f"ckpt_path={copy}/checkpoints/last.ckpt", "trainer.max_epochs=3", "test=false"]
     train(compose_train(tiny_overrides(corpus, copy, "logger=none", *resume)))  # resuming in place is allowed
-    assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+    assert torch.load(copy / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 2
     # told to: a new run from scratch (not a silent resume from the last.ckpt it finds there)
     fresh = ["logger=none", "overwrite_run_dir=true", "test=false", "trainer.max_epochs=1"]
     train(compose_train(tiny_overrides(corpus, copy, *fresh)))
@@ -261,8 +232,7 @@ def test_a_refused_run_leaves_the_other_runs_hydra_record_as_it_was(tmp_path):
 # ---- 8. divergence ----
 
 
-def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(run_dir, tmp_path):
-    _, corpus = run_dir
+def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(corpus, tmp_path):
     out = tmp_path / "nan"
     args = tiny_overrides(
         corpus,
@@ -275,15 +245,14 @@ def test_a_run_that_diverges_stops_with_exit_3_and_keeps_finite_checkpoints(run_
         "+callbacks.nan.step=95",
         f"hydra.run.dir={out}",
     )
-    line = assert_error_line(run_cli("train.py", *args), 3, "training diverged at step 95")
+    line = assert_user_error(run_cli("train.py", *args), "training diverged at step 95", code=3, started=True)
     assert "gradient norm nan" in line and "on_nonfinite=skip" in line
     assert "best.ckpt and last.ckpt keep the last good state" in line
     assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 90
     assert all_finite(out / "checkpoints/last.ckpt") and all_finite(out / "checkpoints/best.ckpt")
 
 
-def test_on_nonfinite_skip_drops_the_bad_step_and_counts_it(run_dir, tmp_path):
-    _, corpus = run_dir
+def test_on_nonfinite_skip_drops_the_bad_step_and_counts_it(corpus, tmp_path):
     probe = ["+callbacks.nan._target_=tests.probe.NanGradAt", "+callbacks.nan.step=5", "on_nonfinite=skip"]
     cfg = compose_train(tiny_overrides(corpus, tmp_path / "skip", "logger=none", "test=false", *probe))
     dm, model, trainer = build(cfg)
@@ -294,11 +263,10 @@ def test_on_nonfinite_skip_drops_the_bad_step_and_counts_it(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("lr", ["1e6", "100"])
-def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_path, lr):
+def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(corpus, tmp_path, lr):
     """SGD at a huge rate without clipping: the loss stays finite but climbs far past its start, ln V = 2.64 or the
     first loss (at
     lr 1e6 to about a million nats). The run stops with one line, and says that no checkpoint was written yet."""
-    _, corpus = run_dir
     out = tmp_path / "blow"
     args = [
         "optim.optimizer=sgd",
@@ -307,7 +275,8 @@ def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_p
         "logger=none",
         f"hydra.run.dir={out}",
     ]
-    line = assert_error_line(run_cli("train.py", *tiny_overrides(corpus, out, *args)), 3, "training diverged at step")
+    proc = run_cli("train.py", *tiny_overrides(corpus, out, *args))
+    line = assert_user_error(proc, "training diverged at step", code=3, started=True)
     assert re.search(r"nats is over loss_limit=3 x the starting loss 2\.\d\d; no checkpoint was written yet", line), (
         line
     )
@@ -315,8 +284,7 @@ def test_a_finite_blow_up_stops_with_exit_3_before_any_checkpoint(run_dir, tmp_p
 
 
 @pytest.mark.parametrize("value", ["1", "0.5", "abc", "true"])
-def test_a_bad_loss_limit_is_one_line(run_dir, tmp_path, value):
-    _, corpus = run_dir
+def test_a_bad_loss_limit_is_one_line(corpus, tmp_path, value):
     proc = run_cli("train.py", *tiny_overrides(corpus, tmp_path / "r", f"loss_limit={value}"))
     assert_user_error(proc, "must be > 1; e.g. loss_limit=3 (null: off).")
 
@@ -341,28 +309,23 @@ def test_non_finite_or_inconsistent_learning_rates_are_refused(hparams, match):
         CharLM(tiny_vocab(), **hparams)
 
 
-def test_generate_refuses_a_checkpoint_with_non_finite_weights(run_dir, tmp_path):
-    out, _ = run_dir
+def test_generate_refuses_a_checkpoint_with_non_finite_weights(tiny_run, tmp_path):
+    out = tiny_run.out
     ckpt = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
     ckpt["state_dict"]["net.decoder.bias"].fill_(float("nan"))
     torch.save(ckpt, tmp_path / "nan.ckpt")
     assert_user_error(run_cli("generate.py", f"ckpt={tmp_path}/nan.ckpt"), "non-finite weights")
 
 
-def test_diverged_is_reported_with_exit_code_3():
-    assert Diverged("x").exit_code == 3 and UserError("x").exit_code == 2
-
-
 # ---- versioned checkpoints ----
 
 
-def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_path):
+def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(corpus, tmp_path):
     model = load_checkpoint(GOLDEN).eval()
     assert sample_text(model.net, model.vocab, "abc ", 60, GenerationConfig(temperature=0))[0] == GOLDEN_SAMPLE
     (text,) = sample(compose_generate([f"ckpt={GOLDEN}", "prompt='abc '", "length=60", "temperature=0"]))
     assert text == GOLDEN_SAMPLE
-    _, corpus = run_dir  # the same tiny text the golden checkpoint was trained on
-    arch = [
+    arch = [  # corpus: the same tiny text the golden checkpoint was trained on
         "model.hidden_size=16",
         "model.num_layers=1",
         "model.tie_weights=false",
@@ -376,8 +339,8 @@ def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_pat
     assert resumed["charlm"]["format"] == FORMAT and resumed["charlm"]["version"] == __version__
 
 
-def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run_dir, tmp_path):
-    out, _ = run_dir
+def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(tiny_run, tmp_path):
+    out = tiny_run.out
     ckpt = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
     ckpt["charlm"] |= {"format": FORMAT + 1, "version": "9.0.0"}
     torch.save(ckpt, tmp_path / "future.ckpt")
@@ -404,9 +367,9 @@ def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run
         (["on_nonfinite=ignore"], "on_nonfinite"),
     ],
 )
-def test_train_says_what_to_fix_and_writes_nothing(run_dir, tmp_path, args, match):
+def test_train_says_what_to_fix_and_writes_nothing(tiny_run, tmp_path, args, match):
     """In-process, so that ten cases cost no interpreter start-ups; test_train runs the CLI path (one line, exit 2)."""
-    out, corpus = run_dir
+    out, _, corpus = tiny_run
     (tmp_path / "text.ckpt").write_text("the quick brown fox\n", encoding="utf-8")  # text starting with t, u or a
     fresh = tmp_path / "fresh"
     cfg = compose_train(tiny_overrides(corpus, fresh, *[a.format(tmp=tmp_path, run=out) for a in args]))
@@ -417,8 +380,8 @@ def test_train_says_what_to_fix_and_writes_nothing(run_dir, tmp_path, args, matc
     assert not fresh.exists()
 
 
-def test_generate_says_what_to_fix(run_dir, tmp_path):
-    out, _ = run_dir
+def test_generate_says_what_to_fix(tiny_run, tmp_path):
+    out = tiny_run.out
     ckpt = out / "checkpoints/best.ckpt"
     cases = [([f"ckpt={ckpt}", "device=foo"], "device=foo is not a device"), ([f"ckpt={tmp_path}"], "is a directory")]
     for text in ("the end", "uh", "a"):
@@ -429,11 +392,11 @@ def test_generate_says_what_to_fix(run_dir, tmp_path):
             sample(compose_generate(args))
 
 
-def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rate(run_dir, tmp_path):
+def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rate(tiny_run, tmp_path):
     """The divergence message says to lower optim.lr and resume: that lower rate must take effect."""
-    out, corpus = run_dir
+    out, _, corpus = tiny_run
     saved = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
-    resume = [f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=2", "logger=none", "test=false"]
+    resume = [f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=3", "logger=none", "test=false"]
     train(compose_train(tiny_overrides(corpus, tmp_path / "r", "optim.lr=0.005", *resume)))
     after = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
     assert saved["lr_schedulers"][0]["base_lrs"] == [0.01] and after["lr_schedulers"][0]["base_lrs"] == [0.005]

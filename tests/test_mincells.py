@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.cells import project_input
+from charlm.cells import projections
 from charlm.cli import sample, train
-from charlm.mincells import MIN_GATES, MinLayer
+from charlm.mincells import MinLayer
 from charlm.module import CharLM
 from charlm.stepper import Stepper
 from tests.conftest import compose_generate, compose_train, make_text, rnn, run_module, tiny_overrides
 
 V = 11
-CELLS = tuple(MIN_GATES)
+CELLS = ("mingru", "minlstm")
 
 
 def paper_recurrence(cell: str, gi: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def test_the_scan_runs_in_float32_under_bf16_autocast(cell):
     x, h0 = torch.randn(4, 128, 16), torch.rand(1, 4, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, state = layer(x, h0)
-        gi = project_input(layer, x)  # [B, T, G*H], as the layer computes it
+        gi = projections(layer, layer.spec)[0](x)  # [B, T, G*H], as the layer computes it
     assert gi.dtype == torch.bfloat16 and out.dtype == state.dtype == torch.float32
     expected = paper_recurrence(cell, gi.double(), h0[0].double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

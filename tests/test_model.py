@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm import UserError
-from charlm.mincells import MIN_GATES
-from charlm.model import CELLS, RNNConfig, RNNStack
+from charlm.cells import CELLS
+from charlm.model import RNNConfig, RNNStack
 from charlm.module import CharLM
 from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
@@ -73,7 +73,7 @@ def test_carried_state_makes_two_halves_equal_the_whole(cell):
     second, s_end = net(x[:, 13:], s_half)
     # The min cells' log-space scan rounds to ~1e-6 relative in float32 (charlm.mincells.parallel_scan); the
     # float64 version of this test for them, at 1e-9: tests/test_mincells.py.
-    atol = 1e-5 if cell in MIN_GATES else 1e-6
+    atol = 1e-5 if CELLS[cell].parallel is not None else 1e-6
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=atol)
     torch.testing.assert_close(s_end, s_whole, rtol=0, atol=atol)
 
@@ -155,11 +155,19 @@ def test_init_scale_is_uniform_within_bounds():
         ({"num_layers": 0}, "model.num_layers=0 must be a whole number >= 1; e.g. model.num_layers=2."),
         ({"num_layers": 1.5}, "model.num_layers=1.5 must be a whole number >= 1"),
         ({"hidden_size": 0}, "model.hidden_size=0 must be a whole number >= 1"),
-        ({"embedding_size": -1}, "model.embedding_size=-1 must be >= 0"),
-        ({"cell": "transformer"}, "model.cell='transformer' is not a known cell; use one of lstm, gru, rnn_tanh"),
+        (
+            {"embedding_size": -1},
+            "model.embedding_size=-1 must be a whole number >= 0; e.g. model.embedding_size=null.",
+        ),
+        ({"cell": "transformer"}, "model.cell='transformer' is not known; use one of lstm, gru, rnn_tanh"),
         ({"tie_weights": True, "embedding_size": 16}, "model.tie_weights needs embedding_size == hidden_size"),
         ({"init_scale": -1.0}, "model.init_scale=-1.0 must be positive"),
-        ({"cell": ["lstm"]}, "model.cell=['lstm'] is not a known cell"),
+        ({"cell": ["lstm"]}, "model.cell=['lstm'] is not known"),
+        ({"impl": "cudnn"}, "model.impl='cudnn' is not known; use one of fused, parallel, scratch."),
+        (
+            {"impl": "parallel"},
+            "model.cell=lstm has no parallel implementation; use model.impl=fused or model.impl=scratch.",
+        ),
         ({"locked_dropout": "no"}, "model.locked_dropout='no' must be true or false."),
         (
             {"cell": "mingru", "weight_drop": 0.2},
@@ -174,9 +182,9 @@ def test_init_scale_is_uniform_within_bounds():
         ({"proj_size": True}, "model.proj_size=True must be a whole number >= 0"),
         (
             {"cell": "gru", "proj_size": 64},
-            "model.proj_size projects an LSTM's h, not a gru's; set model.proj_size=0 or model.cell=lstm.",
+            "model.cell=gru cannot project its h; set model.proj_size=0 or model.cell=lstm.",
         ),
-        ({"cell": "minlstm", "proj_size": 64}, "model.proj_size projects an LSTM's h, not a minlstm's"),
+        ({"cell": "minlstm", "proj_size": 64}, "model.cell=minlstm cannot project its h"),
         (
             {"hidden_size": 64, "proj_size": 64},
             "model.proj_size=64 must be smaller than model.hidden_size=64; e.g. model.proj_size=32, or 0 for no",
@@ -218,11 +226,12 @@ def test_bad_optimisation_settings_are_rejected(kwargs, match):
         CharLM(CharVocab.from_text("ab").to_dict(), **kwargs)
 
 
-def test_min_cells_take_layer_norm_and_locked_dropout_on_either_impl():
-    """Their layer norm is over W_ih x, which the scan sees too, so (unlike an LSTM's) it needs no impl=scratch."""
-    for impl in ("fused", "scratch"):
+def test_min_cells_take_layer_norm_and_locked_dropout_on_every_impl():
+    """Their layer norm is over W_ih x, which the scan sees too, so (unlike an LSTM's) it needs no impl=scratch.
+    ``fused`` selects their parallel scan, as ``parallel`` does: they have no torch kernel."""
+    for impl in ("fused", "parallel", "scratch"):
         net = rnn(V, cell="minlstm", impl=impl, layer_norm=True, locked_dropout=True, hidden_size=8)
-        assert net.layers[0].norm_ih is not None and net.layers[0].parallel == (impl == "fused")
+        assert net.layers[0].norm_ih is not None and net.layers[0].parallel == (impl != "scratch")
 
 
 # ---- LSTMP: an LSTM whose h is projected to proj_size = P < H (nn.LSTM(proj_size=P)) ----

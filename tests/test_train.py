@@ -32,19 +32,8 @@ def sha(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny real run shared by the tests below: (output dir, metrics, corpus)."""
-    tmp = tmp_path_factory.mktemp("run")
-    corpus = tmp / "tiny.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    out = tmp / "out"
-    metrics = train(compose_train(tiny_overrides(corpus, out)))
-    return out, metrics, corpus
-
-
-def test_run_writes_checkpoints_and_metrics(trained):
-    out, metrics, _ = trained
+def test_run_writes_checkpoints_and_metrics(tiny_run):
+    out, metrics, _ = tiny_run
     assert (out / "checkpoints/last.ckpt").is_file() and (out / "checkpoints/best.ckpt").is_file()
     for stage in ("val", "test"):
         loss = metrics[f"{stage}/loss"]
@@ -69,8 +58,8 @@ def hparams_entry(tb: Path) -> tuple[list[str], list[str], dict]:
     return names, metrics, values
 
 
-def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(trained):
-    out, _, _ = trained
+def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
+    out, _, _ = tiny_run
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
@@ -111,15 +100,15 @@ def test_run_directories_are_named_for_the_experiment(tmp_path, corpus):
     assert values["01 name"] == "shakespeare_1min"
 
 
-def test_checkpoint_loads_without_hydra_and_carries_the_vocab(trained):
-    out, metrics, corpus = trained
+def test_checkpoint_loads_without_hydra_and_carries_the_vocab(tiny_run):
+    out, metrics, corpus = tiny_run
     model = CharLM.load_from_checkpoint(out / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
     assert "".join(model.vocab.chars) == "".join(sorted(set(corpus.read_text()) | {"\ufffd"}))
     assert model.hparams.hidden_size == 32
 
 
-def test_generate_streams_prompt_plus_length(trained, capsys):
-    out, _, _ = trained
+def test_generate_streams_prompt_plus_length(tiny_run, capsys):
+    out, _, _ = tiny_run
     cfg = compose_generate([f"ckpt={out}/checkpoints/best.ckpt", "prompt='abc '", "length=57", "seed=3"])
     (text,) = sample(cfg)
     printed = capsys.readouterr().out
@@ -132,10 +121,10 @@ def test_generate_streams_prompt_plus_length(trained, capsys):
     assert len(texts) == 3 and len(set(texts)) == 1 and all(len(t) == 12 for t in texts)
 
 
-def test_resume_continues_exactly(trained, tmp_path):
+def test_resume_continues_exactly(tiny_run, tmp_path):
     """2 epochs + resume to 3 gives bit-identical weights to 3 epochs straight. No dropout (no RNG in the step)
     and no cosine (annealing over 2 epochs is another schedule than over 3); warm-up is kept."""
-    out, _, corpus = trained
+    out, _, corpus = tiny_run
     same = ["model.dropout=0", "optim.scheduler=none", "test=false"]
     straight = tmp_path / "straight"
     train(compose_train(tiny_overrides(corpus, straight, "trainer.max_epochs=3", *same)))
@@ -151,8 +140,8 @@ def test_resume_continues_exactly(trained, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
-def test_checkpoint_switches_between_fused_and_scratch_without_conversion(trained, tmp_path):
-    out, _, corpus = trained
+def test_checkpoint_switches_between_fused_and_scratch_without_conversion(tiny_run, tmp_path):
+    out, _, corpus = tiny_run
     ckpt = f"{out}/checkpoints/best.ckpt"
     fused, scratch = load_checkpoint(ckpt), load_checkpoint(ckpt, impl="scratch")
     assert type(scratch.net.layers[0]).__name__ == "ScratchLayer" and scratch.hparams.impl == "scratch"
@@ -178,8 +167,8 @@ def test_checkpoint_switches_between_fused_and_scratch_without_conversion(traine
     assert metrics["val/loss"] < math.log(16) - 0.5
 
 
-def test_resume_refuses_a_checkpoint_with_another_vocab(trained, tmp_path):
-    out, _, _ = trained
+def test_resume_refuses_a_checkpoint_with_another_vocab(tiny_run, tmp_path):
+    out, _, _ = tiny_run
     other = tmp_path / "other.txt"
     other.write_text(make_text(seed=1).upper(), encoding="utf-8")
     cfg = compose_train(tiny_overrides(other, tmp_path / "o", f"ckpt_path={out}/checkpoints/last.ckpt"))
@@ -213,8 +202,8 @@ def bad_corpus(tmp: Path, kind: str) -> Path:
         (["ckpt_path={tmp}/corrupt.ckpt"], "corrupt"),
     ],
 )
-def test_train_cli_rejects_bad_input(tmp_path, trained, args, match):
-    out, _, corpus = trained
+def test_train_cli_rejects_bad_input(tmp_path, tiny_run, args, match):
+    out, _, corpus = tiny_run
     for kind in ("empty", "latin1", "small"):
         bad_corpus(tmp_path, kind)
     (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
@@ -225,8 +214,8 @@ def test_train_cli_rejects_bad_input(tmp_path, trained, args, match):
     assert {p.name: sha(p) for p in (out / "checkpoints").iterdir()} == before
 
 
-def test_generate_cli_streams_and_rejects_bad_input(trained, tmp_path):
-    out, _, _ = trained
+def test_generate_cli_streams_and_rejects_bad_input(tiny_run, tmp_path):
+    out, _, _ = tiny_run
     ckpt = out / "checkpoints/best.ckpt"
     ok = run_cli("generate.py", f"ckpt={ckpt}", "prompt=ab", "length=30")
     assert ok.returncode == 0 and ok.stdout.startswith("ab") and len(ok.stdout.rstrip("\n")) == 32
@@ -245,8 +234,8 @@ def test_generate_cli_streams_and_rejects_bad_input(trained, tmp_path):
         load_checkpoint(tmp_path / "evil.ckpt")
 
 
-def test_prompt_file_reads_the_prompt_and_follows_unknown(trained, tmp_path, capsys):
-    out, _, _ = trained
+def test_prompt_file_reads_the_prompt_and_follows_unknown(tiny_run, tmp_path, capsys):
+    out, _, _ = tiny_run
     ckpt = f"ckpt={out}/checkpoints/best.ckpt"
     (tmp_path / "p.txt").write_text("abc ", encoding="utf-8")
     (direct,) = sample(compose_generate([ckpt, "prompt='abc '", "length=40", "temperature=0"]))
@@ -273,18 +262,18 @@ def test_prompt_file_reads_the_prompt_and_follows_unknown(trained, tmp_path, cap
         (["threads=0"], "threads=0 must be a whole number >= 1; e.g. threads=1 (null: torch's default)."),
     ],
 )
-def test_sampler_options_reject_bad_input_in_one_line(trained, tmp_path, args, match):
-    out, _, _ = trained
+def test_sampler_options_reject_bad_input_in_one_line(tiny_run, tmp_path, args, match):
+    out, _, _ = tiny_run
     (tmp_path / "p.txt").write_text("ab", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("a\xe9b".encode("latin-1"))
     with pytest.raises(UserError, match=re.escape(match)):
         sample(compose_generate([f"ckpt={out}/checkpoints/best.ckpt", *(a.format(tmp=tmp_path) for a in args)]))
 
 
-def test_threads_sets_the_samplers_threads_and_then_gives_them_back(trained, monkeypatch, capsys):
+def test_threads_sets_the_samplers_threads_and_then_gives_them_back(tiny_run, monkeypatch, capsys):
     """threads=1 runs the whole generation on one thread (faster for one stream on some CPUs: README, Speed), and
     the process's own setting is back afterwards, also when sampling fails; the text is the same either way."""
-    out, _, _ = trained
+    out, _, _ = tiny_run
     seen, real = [], charlm.cli.stream_text
 
     def spy(*args, **kwargs):
@@ -305,8 +294,8 @@ def test_threads_sets_the_samplers_threads_and_then_gives_them_back(trained, mon
     assert torch.get_num_threads() == before
 
 
-def test_several_samples_print_as_blocks_or_json_lines_with_stop(trained, capsys):
-    out, _, _ = trained
+def test_several_samples_print_as_blocks_or_json_lines_with_stop(tiny_run, capsys):
+    out, _, _ = tiny_run
     base = [f"ckpt={out}/checkpoints/best.ckpt", "prompt=ab", "num_samples=4", "length=30", "seed=2"]
     texts = sample(compose_generate(base))
     printed = capsys.readouterr().out
