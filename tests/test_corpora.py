@@ -52,6 +52,7 @@ def test_a_corpus_has_one_name_for_its_runs_and_its_token_cache(tmp_path):
     load_split(split, tmp_path / "cache-split")
     assert [d.name.rsplit("-", 1)[0] for d in (tmp_path / "cache-split").iterdir()] == ["books"]
     assert corpus_name(None) == corpus_name("null") == "run"
+    assert corpus_name(str(tmp_path / "books.tar.gz")) == "books"  # an archive is named without its ending
 
 
 def test_byte_tokens_are_the_files_bytes_joined_by_the_separator(tmp_path):
