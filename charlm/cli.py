@@ -31,7 +31,7 @@ from charlm.board import CurvesFirstLogger
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build, compose, corpus_name
 from charlm.module import CharLM, load_checkpoint
-from charlm.sampling import SamplingConfig, sample_text, stream_text
+from charlm.sampling import SamplingConfig, sample_text, stream_text, unescape
 
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
@@ -130,11 +130,12 @@ FORMATS = ("text", "jsonl")
 
 
 def read_prompt(cfg: DictConfig) -> str:
-    """``prompt`` or the UTF-8 text of ``prompt_file`` (never both); neither: start after a newline."""
+    """``prompt`` (with its ``\\n``, ``\\t`` and ``\\\\`` escapes decoded) or the UTF-8 text of ``prompt_file``, as it
+    is (never both); neither: start after a newline."""
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise UserError("prompt and prompt_file are both given; pass only one of them.")
     if cfg.prompt_file is None:
-        return "" if cfg.prompt is None else str(cfg.prompt)
+        return "" if cfg.prompt is None else unescape(str(cfg.prompt))
     path = Path(str(cfg.prompt_file)).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -170,7 +171,8 @@ def sample(cfg: DictConfig) -> list[str]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads={threads!r} must be a whole number >= 1, or null for torch's default.")
     # checked before the checkpoint is read
-    sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
+    stop = unescape(cfg.stop) if isinstance(cfg.stop, str) else cfg.stop  # 'stop="\\n\\n"': a blank line
+    sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(cfg.ckpt, map_location=device, **overrides).eval()

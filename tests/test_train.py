@@ -321,6 +321,19 @@ def test_several_samples_print_as_blocks_or_json_lines_with_stop(trained, capsys
     assert any(r["stopped"] for r in records)
 
 
+def test_generate_decodes_escapes_typed_on_the_command_line(trained):
+    """'stop="\n\n"' as typed in a shell reaches Hydra as a backslash and an n: it stops at a blank line, and a
+    prompt's \t is a tab (one the tiny vocab lacks: unknown=unk feeds it as the unknown character)."""
+    out, _, _ = trained
+    args = [f"ckpt={out}/checkpoints/best.ckpt", r'prompt="a\tb"', "unknown=unk", r'stop="\n\n"']
+    # near-uniform draws over the 16 characters: a blank line comes within a few hundred of them
+    proc = run_cli("generate.py", *args, "temperature=5", "length=3000", "format=jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["prompt"] == "a\tb" and record["stopped"]
+    assert record["completion"].endswith("\n\n") and "\n\n" not in record["completion"][:-1]
+
+
 def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):
     corpus = tmp_path / "tiny.txt"
     text = make_text(8000)
