@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.connectors import signal_connector
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import Diverged, UserError
@@ -221,14 +223,20 @@ def _kept(trainer: pl.Trainer) -> str:
     return f"{' and '.join(sorted(set(written)))} keep the last good state"
 
 
+def _not_sigterm_notice(record: logging.LogRecord) -> bool:
+    return "Received SIGTERM" not in record.getMessage()
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM or the first Ctrl+C, finish the current step, write a resumable ``last.ckpt``, and stop.
 
     Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary; SIGINT is routed to the same
-    path here (a second Ctrl+C interrupts at once). Not Lightning's ``OnExceptionCheckpoint``: that one saves
-    for every error (whose state may be half-updated), deletes its file at teardown, and makes every later
-    ``fit(ckpt_path=None)`` resume silently from its file, so a run with ``overwrite_run_dir=true`` would not
-    start afresh.
+    path here (a second Ctrl+C interrupts at once). Lightning's signal connector logs "Received SIGTERM" for both,
+    so that line is filtered out while fitting: the stop line ``charlm-train`` prints names the real signal.
+
+    Not Lightning's ``OnExceptionCheckpoint``: that one saves for every error (whose state may be half-updated),
+    deletes its file at teardown, and makes every later ``fit(ckpt_path=None)`` resume silently from its file, so a
+    run with ``overwrite_run_dir=true`` would not start afresh.
     """
 
     def __init__(self, dirpath: str, filename: str = "last"):
@@ -238,6 +246,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)  # on every rank: Ctrl+C reaches all
+        logging.getLogger(signal_connector.__name__).addFilter(_not_sigterm_notice)
 
     def _sigint(self, signum, frame) -> None:
         self.signal = "SIGINT"
@@ -250,6 +259,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.teardown(trainer, pl_module, "fit")  # Lightning skips callbacks' teardown after an exception
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logging.getLogger(signal_connector.__name__).removeFilter(_not_sigterm_notice)
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
