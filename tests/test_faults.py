@@ -390,6 +390,8 @@ def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(run_dir, tmp_pat
     assert metrics["val/loss"] < math.log(16)
     resumed = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
     assert resumed["charlm"]["format"] == FORMAT and resumed["charlm"]["version"] == __version__
+    # it has no count of the characters trained on: its 84 batches count at the resumed run's 4 x 16
+    assert resumed["callbacks"]["Throughput"] == {"chars_seen": resumed["global_step"] * 4 * 16}
 
 
 def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(run_dir, tmp_path):
