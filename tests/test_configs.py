@@ -4,6 +4,8 @@ trainer preset sets what it claims."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -243,6 +245,44 @@ def test_multirun_sweep_trains_each_point(tmp_path):
     for job in jobs:
         assert (tmp_path / "sweep" / job / "checkpoints/last.ckpt").is_file()
         assert list((tmp_path / "sweep" / job / "tb").glob("events.*"))
+
+
+def help_examples(text: str, script: str) -> list[list[str]]:
+    """The overrides of each ``python SCRIPT ...`` example line of a --help text; a sweep (-m) runs its first point."""
+    examples = []
+    for line in text.splitlines():
+        if line.strip().startswith(f"python {script} "):
+            args = shlex.split(re.split(r"\s{2,}", line.strip())[0])[2:]  # two or more spaces: then a comment
+            examples.append([re.sub(r"=([^,]+),.*", r"=\1", a) for a in args if a != "-m"])
+    return examples
+
+
+def test_help_says_what_the_commands_do_lists_the_config_groups_and_gives_examples_that_compose():
+    """python train.py --help: a description, every option of every group in conf/ but no ``base`` (the node the
+    Python defaults build), five examples, then Hydra's flags; python generate.py --help: the same, shorter."""
+    train_help = run_cli("train.py", "--help")
+    assert train_help.returncode == 0, train_help.stderr[-3000:]
+    text = train_help.stdout
+    assert text.startswith("charlm-train (python train.py): train a character-level language model")
+    listed = dict(re.findall(r"^  (\w+): (.*)$", text, flags=re.M))
+    groups = [d for d in (ROOT / "conf").iterdir() if d.is_dir() and d.name != "hydra"]
+    assert listed == {d.name: ", ".join(sorted(p.stem for p in d.glob("*.yaml"))) for d in groups}
+    assert "base" not in text.split("Examples:")[0]
+    assert text.index("Examples:") < text.index("Hydra's flags:") < text.index("--multirun,-m")
+    examples = help_examples(text, "train.py")
+    assert len(examples) == 5
+    for overrides in examples:  # the groups, options and settings they name exist
+        compose_train(overrides)
+
+    gen_help = run_cli("generate.py", "--help")
+    assert gen_help.returncode == 0, gen_help.stderr[-3000:]
+    text = gen_help.stdout
+    assert text.startswith("charlm-generate (python generate.py): sample text from a checkpoint")
+    assert "temperature: 0.8" in text and text.index("Examples:") < text.index("Hydra's flags:")
+    examples = help_examples(text, "generate.py")
+    assert len(examples) == 5
+    for overrides in examples:
+        compose_generate(overrides)
 
 
 @pytest.mark.slow
