@@ -32,6 +32,7 @@ from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.config import CONF_DIR, build, compose, corpus_name
 from charlm.module import CharLM, load_checkpoint
 from charlm.sampling import SamplingConfig, sample_text, stream_text, unescape
+from charlm.sweeps import summarize, table
 
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
@@ -229,6 +230,7 @@ def _train_app(cfg: DictConfig) -> float | None:
     except UserError as e:  # a job of a sweep: Hydra records it (and Optuna the trial) as failed
         # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included
         e.sweep_line = f"sweep job {HydraConfig.get().job.num} failed: {e}"
+        e.sweep_dir = HydraConfig.get().sweep.dir
         _failed_jobs.append(e.sweep_line)
         raise
     return metrics.get(cfg.optimized_metric)
@@ -284,6 +286,8 @@ def hydra_errors_reported(config_name: str):
         cause = user_error_in(e)
         if cause is None:
             raise
+        if getattr(cause, "sweep_dir", None):  # a sweeper that stops on a failed job skips SweepSummary's end
+            print(table(summarize(cause.sweep_dir)))
         for line in _failed_jobs or [getattr(cause, "sweep_line", str(cause))]:  # jobs elsewhere: the first
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(cause.exit_code) from None

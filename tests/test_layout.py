@@ -33,6 +33,7 @@ LAYERS = [
     "charlm.callbacks",
     "charlm.slurm",
     "charlm.board",
+    "charlm.sweeps",
     "charlm.config",
     "charlm.info",
     "charlm.cli",
