@@ -5,8 +5,11 @@ TensorBoard lists tag sections (the text before the first ``/``) in code-point o
 ones, so the metric names Lightning sees (``val/bpc``, ``train/loss_step``, ``lr-AdamW``, ...: what checkpoints
 monitor and the progress bar shows) are written under numbered sections:
 
-    1_val/{bpc,loss,ppl,full_*}   2_train/{bpc,loss,ppl,loss_step}   3_optim/{lr-*,grad_norm,chars_per_s,eta_min,...}
-    4_test/*
+    1_val/{bpc,loss,ppl,full_*}   2_train/{bpc,loss,ppl,loss_step}
+    3_optim/{lr-*,grad_norm,chars_per_s,chars_seen,eta_min,...}   4_test/*
+
+The CUSTOM SCALARS tab (``LAYOUT``, written once when the event file is opened) puts train and val on one chart:
+bits per character (or byte), and loss with the per-step train loss.
 
 Lightning's TensorBoardLogger has no tag mapping, adds an ``epoch`` scalar to every logging call, and its
 ``log_hyperparams(params, metrics)`` writes each metric again as a one-point scalar (the ``hp/*`` cards):
@@ -21,6 +24,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from charlm.corpus import corpus_name
@@ -33,11 +37,21 @@ SECTIONS = (
     ("train/grad_norm", "3_optim/", "train/"),
     ("train/skipped_steps", "3_optim/", "train/"),
     ("train/chars_per_s", "3_optim/", "train/"),
+    ("train/chars_seen", "3_optim/", "train/"),
     ("train/eta_min", "3_optim/", "train/"),
     ("train/", "2_train/", "train/"),
     ("lr-", "3_optim/", ""),
     ("test/", "4_test/", "test/"),
 )
+
+
+# {category: {chart: ["Multiline", [tag regexes]]}}: train next to val (bpb: a byte-level model's bits per byte)
+LAYOUT = {
+    "train vs val": {
+        "bits per character (bpc) or byte (bpb)": ["Multiline", [r"^2_train/bp[cb]$", r"^1_val/bp[cb]$"]],
+        "loss (nats)": ["Multiline", [r"^2_train/loss_step$", r"^2_train/loss$", r"^1_val/loss$"]],
+    }
+}
 
 
 def board_tag(name: str) -> str:
@@ -49,7 +63,16 @@ def board_tag(name: str) -> str:
 
 
 class CurvesFirstLogger(TensorBoardLogger):
-    """A TensorBoardLogger that writes ``board_tag`` names, no ``epoch`` scalar, and ``log_run`` for HPARAMS."""
+    """A TensorBoardLogger that writes ``board_tag`` names, no ``epoch`` scalar, the custom-scalars ``LAYOUT``,
+    and ``log_run`` for HPARAMS."""
+
+    @property
+    def experiment(self) -> SummaryWriter:
+        opening = self._experiment is None
+        writer = super().experiment
+        if opening and rank_zero_only.rank == 0:
+            writer.add_custom_scalars(LAYOUT)
+        return writer
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -14,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.connectors import signal_connector
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import Diverged
@@ -220,14 +222,20 @@ def _kept(trainer: pl.Trainer) -> str:
     return f"{' and '.join(sorted(set(written)))} keep the last good state"
 
 
+def _not_sigterm_notice(record: logging.LogRecord) -> bool:
+    return "Received SIGTERM" not in record.getMessage()
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM or the first Ctrl+C, finish the current step, write a resumable ``last.ckpt``, and stop.
 
     Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary; SIGINT is routed to the same
-    path here (a second Ctrl+C interrupts at once). Not Lightning's ``OnExceptionCheckpoint``: that one saves
-    for every error (whose state may be half-updated), deletes its file at teardown, and makes every later
-    ``fit(ckpt_path=None)`` resume silently from its file, so a run with ``overwrite_run_dir=true`` would not
-    start afresh.
+    path here (a second Ctrl+C interrupts at once). Lightning's signal connector logs "Received SIGTERM" for both,
+    so that line is filtered out while fitting: the stop line ``charlm-train`` prints names the real signal.
+
+    Not Lightning's ``OnExceptionCheckpoint``: that one saves for every error (whose state may be half-updated),
+    deletes its file at teardown, and makes every later ``fit(ckpt_path=None)`` resume silently from its file, so a
+    run with ``overwrite_run_dir=true`` would not start afresh.
     """
 
     def __init__(self, dirpath: str, filename: str = "last"):
@@ -237,6 +245,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)  # on every rank: Ctrl+C reaches all
+        logging.getLogger(signal_connector.__name__).addFilter(_not_sigterm_notice)
 
     def _sigint(self, signum, frame) -> None:
         self.signal = "SIGINT"
@@ -249,6 +258,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.teardown(trainer, pl_module, "fit")  # Lightning skips callbacks' teardown after an exception
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logging.getLogger(signal_connector.__name__).removeFilter(_not_sigterm_notice)
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
@@ -256,26 +266,39 @@ class PreemptionCheckpoint(pl.Callback):
 
 class Throughput(pl.Callback):
     """Training speed in characters per second (all ranks together) and the time left, in the progress bar and
-    TensorBoard (``train/chars_per_s``, ``train/eta_min``), over the last ``window`` optimizer steps.
+    TensorBoard (``train/chars_per_s``, ``train/eta_min``), over the last ``window`` optimizer steps; and the
+    characters trained on since the run began (``train/chars_seen``, all ranks together: an x axis on which runs
+    with other batch shapes compare fairly).
 
     Lightning's ThroughputMonitor logs items per second to the loggers only, not to the progress bar, and knows
     no time left; tqdm's own estimate covers the current epoch only. The time left is the smaller of what the
     step limit (``max_epochs`` / ``max_steps``: Lightning's estimate of the run's steps) and ``max_time`` leave.
     Validation time counts, as it does for the user waiting. Updated on the steps Lightning logs
-    (``logs_step_metrics``). ``clock`` is injectable for tests."""
+    (``logs_step_metrics``). The count of characters is saved in checkpoints, so a resumed run goes on counting;
+    one resumed from a checkpoint without it counts the earlier batches at the shape of its first batch.
+    ``clock`` is injectable for tests."""
 
     def __init__(self, window: int = 50, clock: Callable[[], float] = time.monotonic):
         whole("callbacks.throughput.window", window, 1, example=50)
         self.window, self.clock = window, clock
-        self._marks: list[tuple[float, int]] = []  # (time, characters trained so far) at each step
+        self._marks: list[tuple[float, int]] = []  # (time, characters trained by this process) at each step
+        self._seen: int | None = None  # characters trained on since the run began; None: not known yet
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks, self._chars = [(self.clock(), 0)], 0
+        if trainer.global_step == 0:
+            self._seen = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        self._chars += batch[1].numel() * trainer.world_size  # y [B, T] on every rank
+        chars = batch[1].numel() * trainer.world_size  # y [B, T] on every rank
+        if self._seen is None:  # resumed from a checkpoint without the count: the batches before, at this shape
+            self._seen = trainer.fit_loop.epoch_loop.batch_progress.total.completed * chars
+        self._seen += chars
+        self._chars += chars
         self._marks = [*self._marks[-self.window :], (self.clock(), self._chars)]
         (t0, c0), (t1, c1) = self._marks[0], self._marks[-1]
+        if logs_step_metrics(trainer):
+            pl_module.log("train/chars_seen", float(self._seen), on_step=True, on_epoch=False, rank_zero_only=True)
         if t1 <= t0 or not logs_step_metrics(trainer):
             return
         steps_per_s = (len(self._marks) - 1) / (t1 - t0)
@@ -288,3 +311,9 @@ class Throughput(pl.Callback):
         if finite:
             metrics["train/eta_min"] = max(0.0, min(finite)) / 60
         pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"chars_seen": self._seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._seen = state_dict["chars_seen"]

@@ -33,8 +33,9 @@ from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.checkpoint import required_ckpt
 from charlm.checks import choice, whole
 from charlm.config import CONF_DIR, build, compose, register
-from charlm.generation import GenerationConfig, sample_text, stream_text
+from charlm.generation import GenerationConfig, sample_text, stream_text, unescape
 from charlm.module import CharLM, load_checkpoint
+from charlm.sweeps import summarize, table
 
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
@@ -102,11 +103,12 @@ Format = Literal["text", "jsonl"]  # charlm-generate's output: streamed text | o
 
 
 def read_prompt(cfg: DictConfig) -> str:
-    """``prompt`` or the UTF-8 text of ``prompt_file`` (never both); neither: start after a newline."""
+    """``prompt`` (with its ``\\n``, ``\\t`` and ``\\\\`` escapes decoded) or the UTF-8 text of ``prompt_file``, as it
+    is (never both); neither: start after a newline."""
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise UserError("prompt and prompt_file are both given; pass only one of them.")
     if cfg.prompt_file is None:
-        return "" if cfg.prompt is None else str(cfg.prompt)
+        return "" if cfg.prompt is None else unescape(str(cfg.prompt))
     path = Path(str(cfg.prompt_file)).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -140,7 +142,8 @@ def sample(cfg: DictConfig) -> list[str]:
     if threads is not None:
         whole("threads", threads, 1, example="1 (null: torch's default)")
     # checked before the checkpoint is read
-    settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop)
+    stop = unescape(cfg.stop) if isinstance(cfg.stop, str) else cfg.stop  # 'stop="\\n\\n"': a blank line
+    settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(ckpt, map_location=device, **overrides).eval()
@@ -197,6 +200,7 @@ def _train_app(cfg: DictConfig) -> float | None:
     except UserError as e:  # a job of a sweep: Hydra records it (and Optuna the trial) as failed
         # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included
         e.sweep_line = f"sweep job {HydraConfig.get().job.num} failed: {e}"
+        e.sweep_dir = HydraConfig.get().sweep.dir
         _failed_jobs.append(e.sweep_line)
         raise
     return metrics.get(cfg.optimized_metric)
@@ -254,6 +258,8 @@ def hydra_errors_reported(config_name: str):
         cause = user_error_in(e)
         if cause is None:
             raise
+        if getattr(cause, "sweep_dir", None):  # a sweeper that stops on a failed job skips SweepSummary's end
+            print(table(summarize(cause.sweep_dir)))
         for line in _failed_jobs or [getattr(cause, "sweep_line", str(cause))]:  # jobs elsewhere: the first
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(cause.exit_code) from None

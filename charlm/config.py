@@ -21,6 +21,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -102,6 +103,18 @@ def data_defaults() -> dict:
     return {p.name: MISSING if p.default is p.empty else p.default for p in params if p.name != "self"}
 
 
+def config_groups() -> str:
+    """One line per config group with its options, as Hydra's ``$APP_CONFIG_GROUPS`` lists them (a user's config
+    directory included) but without ``base``: the nodes built from the Python defaults, which every option of
+    model/ and data/ starts from. For ``--help`` (conf/hydra/help/), while Hydra is composing."""
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(g for g in loader.list_groups("") if g != "hydra"):
+        options = [name for name in sorted(loader.get_group_options(group)) if name != "base"]
+        lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register() -> None:
     """Register what the shipped configs need: the ``${charlm_*:}`` resolvers, and the ``model/base``,
     ``optim/base``, ``data/base`` and ``generation`` nodes, which Hydra builds from the Python defaults so that no
@@ -109,6 +122,7 @@ def register() -> None:
     Hydra composes; calling it again changes nothing."""
     resolvers = {
         "charlm_data": lambda: str(DATA_DIR),
+        "charlm_config_groups": config_groups,
         "charlm_precision": lambda accelerator="auto": default_precision(accelerator)[0],
         "charlm_recipe": recipe_for,
         "charlm_run_name": run_name,

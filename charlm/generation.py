@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,18 @@ class GenerationConfig:
         number("top_p", self.top_p, 0, 1, low_open=True, example="1 (off)")
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             raise UserError(f"stop={self.stop!r} must be non-empty text, e.g. stop='\\n\\n'; leave it out for none.")
+
+
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""Text as typed on a command line: ``\n`` is a newline, ``\t`` a tab, ``\\`` one backslash; any other
+    backslash stays as it is (``C:\dir`` keeps its backslash).
+
+    Hydra passes ``'stop="\n\n"'`` on as a backslash and an ``n`` twice, so without this a stop text typed that
+    way never matches. Only ``prompt`` and ``stop`` go through it; ``prompt_file`` is read as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def check_length(length: int, num_samples: int) -> None:

@@ -5,6 +5,8 @@ trainer preset sets what it claims."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -301,6 +303,44 @@ def test_multirun_sweep_trains_each_point(tmp_path):
         assert list((tmp_path / "sweep" / job / "tb").glob("events.*"))
 
 
+def help_examples(text: str, script: str) -> list[list[str]]:
+    """The overrides of each ``python SCRIPT ...`` example line of a --help text; a sweep (-m) runs its first point."""
+    examples = []
+    for line in text.splitlines():
+        if line.strip().startswith(f"python {script} "):
+            args = shlex.split(re.split(r"\s{2,}", line.strip())[0])[2:]  # two or more spaces: then a comment
+            examples.append([re.sub(r"=([^,]+),.*", r"=\1", a) for a in args if a != "-m"])
+    return examples
+
+
+def test_help_says_what_the_commands_do_lists_the_config_groups_and_gives_examples_that_compose():
+    """python train.py --help: a description, every option of every group in conf/ but no ``base`` (the node the
+    Python defaults build), five examples, then Hydra's flags; python generate.py --help: the same, shorter."""
+    train_help = run_cli("train.py", "--help")
+    assert train_help.returncode == 0, train_help.stderr[-3000:]
+    text = train_help.stdout
+    assert text.startswith("charlm-train (python train.py): train a character-level language model")
+    listed = dict(re.findall(r"^  (\w+): (.*)$", text, flags=re.M))
+    groups = [d for d in (ROOT / "conf").iterdir() if d.is_dir() and d.name != "hydra"]
+    assert listed == {d.name: ", ".join(sorted(p.stem for p in d.glob("*.yaml"))) for d in groups}
+    assert "base" not in text.split("Examples:")[0]
+    assert text.index("Examples:") < text.index("Hydra's flags:") < text.index("--multirun,-m")
+    examples = help_examples(text, "train.py")
+    assert len(examples) == 5
+    for overrides in examples:  # the groups, options and settings they name exist
+        compose_train(overrides)
+
+    gen_help = run_cli("generate.py", "--help")
+    assert gen_help.returncode == 0, gen_help.stderr[-3000:]
+    text = gen_help.stdout
+    assert text.startswith("charlm-generate (python generate.py): sample text from a checkpoint")
+    assert "temperature: 0.8" in text and text.index("Examples:") < text.index("Hydra's flags:")
+    examples = help_examples(text, "generate.py")
+    assert len(examples) == 5
+    for overrides in examples:
+        compose_generate(overrides)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_smoke_run(experiment, tmp_path: Path):
@@ -316,23 +356,50 @@ def test_experiment_smoke_run(experiment, tmp_path: Path):
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
 
 
-def test_a_sweep_goes_on_past_a_job_with_a_bad_config(tmp_path):
-    """A UserError in one job of a sweep is that job's one-line failure; the next job still trains."""
+def test_a_sweep_goes_on_past_a_job_with_a_bad_config_and_ends_with_its_jobs_best_first(tmp_path):
+    """A UserError in one job of a sweep is that job's one-line failure; the next job still trains. The sweep ends
+    with a table of its jobs by val/loss (failed ones last), also written as sweep_summary.json."""
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(make_text(), encoding="utf-8")
     overrides = [
         o
-        for o in tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0")
-        if not o.startswith("paths.output_dir")
+        for o in tiny_overrides(corpus, tmp_path, "debug=fast", "test=false", "sample_length=0", "logger=none")
+        if not o.startswith(("paths.output_dir", "model.hidden_size"))
     ]
-    proc = run_cli("train.py", "-m", "model.dropout=1.5,0.1", f"hydra.sweep.dir={tmp_path}/sweep", *overrides)
-    assert proc.returncode != 0  # Hydra reports the failed job when the sweep ends
+    swept = ["model.dropout=1.5,0.1", "model.hidden_size=8,16"]
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train.py", "-m", *swept, f"hydra.sweep.dir={sweep}", *overrides, "callbacks=no_logger")
+    assert proc.returncode != 0  # Hydra reports the failed jobs when the sweep ends
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     line = "model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."
-    assert errors == [f"error: {line}", f"error: sweep job 0 failed: {line}"]  # when it fails, and at the end
-    (bad,) = (tmp_path / "sweep").glob("0_*")
-    (good,) = (tmp_path / "sweep").glob("1_*")
-    assert not (bad / "checkpoints").exists() and (good / "checkpoints/last.ckpt").is_file()
+    # when each fails, and at the end
+    assert errors == [f"error: {line}"] * 2 + [f"error: sweep job {i} failed: {line}" for i in (0, 1)]
+    for bad in (*sweep.glob("0_*"), *sweep.glob("1_*")):
+        assert not (bad / "checkpoints").exists()
+
+    def val_loss(job: int) -> float:  # what the job's best.ckpt callback saw last
+        (good,) = sweep.glob(f"{job}_*")
+        ckpt = torch.load(good / "checkpoints/last.ckpt", weights_only=True)
+        return float(next(v["current_score"] for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheck")))
+
+    losses = {2: val_loss(2), 3: val_loss(3)}
+    order = sorted(losses, key=losses.get)
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert (summary["metric"], summary["direction"]) == ("val/loss", "minimize")
+    assert "debug=fast" in summary["shared_overrides"]
+    jobs = summary["jobs"]
+    assert [j["job"] for j in jobs] == [*order, 0, 1]
+    assert [j["status"] for j in jobs] == ["completed", "completed", "failed", "failed"]
+    size = {0: 8, 1: 16, 2: 8, 3: 16}
+    for j in jobs:
+        dropout = "1.5" if j["job"] < 2 else "0.1"
+        assert j["overrides"] == [f"model.dropout={dropout}", f"model.hidden_size={size[j['job']]}"]
+        assert j["value"] == (pytest.approx(losses[j["job"]]) if j["job"] in losses else None)
+        assert j["error"] == (line if j["job"] < 2 else None)
+    printed = proc.stdout[proc.stdout.index("sweep of 4 job(s), lowest val/loss first:") :].splitlines()
+    rows = [[str(i), f"{losses[i]:.4f}"] for i in order] + [["0", "failed"], ["1", "failed"]]
+    assert [row.split()[:2] for row in printed[2:6]] == rows
+    assert printed[6] == f"summary: {sweep / 'sweep_summary.json'}"
 
 
 def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
@@ -367,3 +434,11 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
     study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path}/study.db")
     states = {t.params["model.dropout"]: t.state.name for t in study.trials}
     assert len(study.trials) == 4 and states == {0.1: "COMPLETE", 1.5: "FAIL"}
+    # the sweep's summary: its trials best first, the failed ones last, and the sweeper's best parameters
+    summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())
+    by_state = [("completed" if t.state.name == "COMPLETE" else "failed", t.value) for t in study.trials]
+    ranked = sorted(by_state, key=lambda sv: (sv[0] == "failed", sv[1] or 0.0))
+    assert [(j["status"], j["value"]) for j in summary["jobs"]] == [(s, pytest.approx(v)) for s, v in ranked]
+    assert summary["optuna"]["best_params"] == {"model.dropout": 0.1}
+    assert summary["optuna"]["best_value"] == pytest.approx(study.best_value)
+    assert f"optuna's best: model.dropout=0.1 (val/loss {study.best_value:.4f})" in proc.stdout

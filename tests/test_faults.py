@@ -82,6 +82,22 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_leaves_its_final_step_in_las
     assert torch.load(out / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 100
 
 
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_a_stopped_run_names_the_signal_that_stopped_it_and_no_other(run_dir, tmp_path, how):
+    """Ctrl+C reaches Lightning as a SIGTERM (PreemptionCheckpoint routes it there), whose signal connector logged
+    "Received SIGTERM: 15" just before charlm's "stopped by SIGINT" line."""
+    _, corpus = run_dir
+    out = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=tests.probe.KillAt", "+callbacks.kill.step=3", f"+callbacks.kill.signal={how}"]
+    quiet = ["logger=none", "callbacks=no_logger", "test=false", "sample_length=0", f"hydra.run.dir={out}"]
+    proc = run_cli("train.py", *tiny_overrides(corpus, out, *quiet, *kill))
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], proc.stderr[-3000:]
+    stop = f"stopped by {how} after step 4; resume with ckpt_path={out}/checkpoints/last.ckpt"
+    assert proc.stderr.strip().splitlines()[-1] == stop, proc.stderr[-3000:]
+    other = {"SIGINT": "SIGTERM", "SIGTERM": "SIGINT"}[how]
+    assert other not in proc.stdout + proc.stderr and (proc.stdout + proc.stderr).count(how) == 1
+
+
 # ---- 2. atomic writes ----
 
 
@@ -337,6 +353,8 @@ def test_the_golden_v0_1_0_checkpoint_loads_samples_and_resumes(corpus, tmp_path
     assert metrics["val/loss"] < math.log(16)
     resumed = torch.load(tmp_path / "r/checkpoints/last.ckpt", weights_only=True)
     assert resumed["charlm"]["format"] == FORMAT and resumed["charlm"]["version"] == __version__
+    # it has no count of the characters trained on: its 84 batches count at the resumed run's 4 x 16
+    assert resumed["callbacks"]["Throughput"] == {"chars_seen": resumed["global_step"] * 4 * 16}
 
 
 def test_a_checkpoint_from_a_newer_format_gets_one_line_naming_both_versions(tiny_run, tmp_path):

@@ -36,6 +36,7 @@ LAYERS = [
     "charlm.slurm",
     "charlm.runs",
     "charlm.board",
+    "charlm.sweeps",
     "charlm.config",
     "charlm.info",
     "charlm.cli",

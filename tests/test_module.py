@@ -287,13 +287,14 @@ def test_per_step_metrics_are_logged_only_on_the_steps_lightning_writes(corpus, 
     trainer.fit(model, datamodule=dm)
     batches = trainer.global_step
     assert batches > 6
-    per_step = ("train/loss_step", "train/grad_norm", "train/chars_per_s", "train/eta_min")
+    per_step = ("train/loss_step", "train/grad_norm", "train/chars_per_s", "train/eta_min", "train/chars_seen")
     logged = set(range(3, batches + 1, 3))
     for name in per_step:
         assert sorted(b for b, n in calls if n == name) == sorted(logged), name
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    for tag in ("2_train/loss_step", "3_optim/grad_norm", "3_optim/chars_per_s"):  # TensorBoard's steps count from 0
+    # TensorBoard's steps count from 0
+    for tag in ("2_train/loss_step", "3_optim/grad_norm", "3_optim/chars_per_s", "3_optim/chars_seen"):
         assert [e.step + 1 for e in acc.Scalars(tag)] == sorted(logged), tag
 
 

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from charlm import UserError
-from charlm.generation import GenerationConfig, Stepper, generate, next_token, sample_text, start_ids, stream_text
+from charlm.generation import (
+    GenerationConfig,
+    Stepper,
+    generate,
+    next_token,
+    sample_text,
+    start_ids,
+    stream_text,
+    unescape,
+)
 from charlm.vocab import CharVocab
 from tests.conftest import rnn
 
@@ -205,6 +214,22 @@ def test_stop_text_may_begin_in_the_prompt_and_generation_ends_when_every_stream
 def test_a_bad_stop_text_is_a_one_line_error(stop):
     with pytest.raises(UserError, match="must be non-empty text"):
         GenerationConfig(stop=stop)
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        (r"\n\n", "\n\n"),  # 'stop="\n\n"' on the command line: a blank line
+        (r"a\tb", "a\tb"),
+        (r"a\\n", "a\\n"),  # an escaped backslash: a backslash, then n
+        (r"\\\n", "\\\n"),
+        (r"C:\dir\q", r"C:\dir\q"),  # other escapes keep their backslash
+        ("ends\\", "ends\\"),
+        ("plain", "plain"),
+    ],
+)
+def test_command_line_text_decodes_newline_tab_and_backslash_escapes(typed, meant):
+    assert unescape(typed) == meant
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "minlstm"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import charlm.cli
@@ -138,6 +139,11 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] > 0
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    # the characters-seen axis goes on from where the first run stopped, as in the straight run
+    went_on = chars_seen(resumed / "tb")
+    assert went_on[0][0] >= torch.load(first / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert went_on == [(step, (step + 1) * 4 * 16) for step, _ in went_on]
+    assert set(went_on) <= set(chars_seen(straight / "tb"))
 
 
 def test_checkpoint_switches_between_fused_and_scratch_without_conversion(tiny_run, tmp_path):
@@ -185,6 +191,35 @@ def bad_corpus(tmp: Path, kind: str) -> Path:
     if content is not None:
         path.write_bytes(content)
     return path
+
+
+def custom_charts(acc: EventAccumulator) -> dict[str, list[str]]:
+    """The CUSTOM SCALARS tab of a run: {chart title: the tag patterns it plots}."""
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = Layout.FromString(event.tensor_proto.string_val[0])
+    return {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+
+
+def chars_seen(tb: Path) -> list[tuple[int, float]]:
+    """(TensorBoard step, characters trained on) as logged: the steps count from 0, so batch k is step k - 1."""
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("3_optim/chars_seen")]
+
+
+def test_tensorboard_plots_train_next_to_val_and_counts_the_characters_seen(trained):
+    out, _, _ = trained
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    charts = custom_charts(acc)
+    scalars = acc.Tags()["scalars"]
+    for tags in (["2_train/bpc", "1_val/bpc"], ["2_train/loss_step", "2_train/loss", "1_val/loss"]):
+        (chart,) = [title for title, patterns in charts.items() if len(patterns) == len(tags)]
+        assert [[t for t in scalars if re.search(p, t)] for p in charts[chart]] == [[t] for t in tags], chart
+    seen = chars_seen(out / "tb")
+    steps = [step for step, _ in seen]
+    assert steps == [e.step for e in acc.Scalars("2_train/loss_step")] and len(steps) > 2  # logged as the others are
+    assert seen == [(step, (step + 1) * 4 * 16) for step in steps]  # batch_size x seq_len a step
 
 
 @pytest.mark.parametrize(
@@ -308,6 +343,19 @@ def test_several_samples_print_as_blocks_or_json_lines_with_stop(tiny_run, capsy
         assert cut == (whole if at < 0 else whole[: at + 1])  # the same draws, cut at the first stop text
         assert record == {"prompt": "ab", "completion": cut[2:], "stopped": at >= 0, "sample": record["sample"]}
     assert any(r["stopped"] for r in records)
+
+
+def test_generate_decodes_escapes_typed_on_the_command_line(trained):
+    """'stop="\n\n"' as typed in a shell reaches Hydra as a backslash and an n: it stops at a blank line, and a
+    prompt's \t is a tab (one the tiny vocab lacks: unknown=unk feeds it as the unknown character)."""
+    out, _, _ = trained
+    args = [f"ckpt={out}/checkpoints/best.ckpt", r'prompt="a\tb"', "unknown=unk", r'stop="\n\n"']
+    # near-uniform draws over the 16 characters: a blank line comes within a few hundred of them
+    proc = run_cli("generate.py", *args, "temperature=5", "length=3000", "format=jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["prompt"] == "a\tb" and record["stopped"]
+    assert record["completion"].endswith("\n\n") and "\n\n" not in record["completion"][:-1]
 
 
 def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):
