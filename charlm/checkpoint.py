@@ -199,10 +199,20 @@ def gather_objects(obj) -> list:
 
 
 def required_ckpt(ckpt: object) -> Path:
-    """``ckpt=`` of charlm-generate and charlm-export as a path; refuse a missing one before any work."""
+    """``ckpt=`` of charlm-generate and charlm-export as a path; refuse a missing one before any work.
+
+    A directory stands for the best checkpoint in it: a run directory's ``checkpoints/best.ckpt``, or, for a
+    folder of runs (``ckpt=outputs/timemachine``), that of the run written last, so a user need not copy a
+    time-stamped path."""
     if not ckpt:
         raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
-    return Path(str(ckpt))
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("**/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no run under {str(path)!r} has a checkpoints/best.ckpt; pass ckpt=PATH/TO/best.ckpt.")
+    return found[-1]
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, bytes]:

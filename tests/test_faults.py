@@ -83,10 +83,9 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_leaves_its_final_step_in_las
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
-def test_a_stopped_run_names_the_signal_that_stopped_it_and_no_other(run_dir, tmp_path, how):
+def test_a_stopped_run_names_the_signal_that_stopped_it_and_no_other(corpus, tmp_path, how):
     """Ctrl+C reaches Lightning as a SIGTERM (PreemptionCheckpoint routes it there), whose signal connector logged
     "Received SIGTERM: 15" just before charlm's "stopped by SIGINT" line."""
-    _, corpus = run_dir
     out = tmp_path / "run"
     kill = ["+callbacks.kill._target_=tests.probe.KillAt", "+callbacks.kill.step=3", f"+callbacks.kill.signal={how}"]
     quiet = ["logger=none", "callbacks=no_logger", "test=false", "sample_length=0", f"hydra.run.dir={out}"]
@@ -401,7 +400,10 @@ def test_train_says_what_to_fix_and_writes_nothing(tiny_run, tmp_path, args, mat
 def test_generate_says_what_to_fix(tiny_run, tmp_path):
     out = tiny_run.out
     ckpt = out / "checkpoints/best.ckpt"
-    cases = [([f"ckpt={ckpt}", "device=foo"], "device=foo is not a device"), ([f"ckpt={tmp_path}"], "is a directory")]
+    cases = [
+        ([f"ckpt={ckpt}", "device=foo"], "device=foo is not a device"),
+        ([f"ckpt={tmp_path}"], "has a checkpoints/best.ckpt"),
+    ]
     for text in ("the end", "uh", "a"):
         (tmp_path / f"{text}.ckpt").write_text(text, encoding="utf-8")
         cases.append(([f"ckpt='{tmp_path}/{text}.ckpt'"], "is not a checkpoint"))

@@ -207,8 +207,8 @@ def chars_seen(tb: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars("3_optim/chars_seen")]
 
 
-def test_tensorboard_plots_train_next_to_val_and_counts_the_characters_seen(trained):
-    out, _, _ = trained
+def test_tensorboard_plots_train_next_to_val_and_counts_the_characters_seen(tiny_run):
+    out, _, _ = tiny_run
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     charts = custom_charts(acc)
@@ -345,10 +345,10 @@ def test_several_samples_print_as_blocks_or_json_lines_with_stop(tiny_run, capsy
     assert any(r["stopped"] for r in records)
 
 
-def test_generate_decodes_escapes_typed_on_the_command_line(trained):
+def test_generate_decodes_escapes_typed_on_the_command_line(tiny_run):
     """'stop="\n\n"' as typed in a shell reaches Hydra as a backslash and an n: it stops at a blank line, and a
     prompt's \t is a tab (one the tiny vocab lacks: unknown=unk feeds it as the unknown character)."""
-    out, _, _ = trained
+    out, _, _ = tiny_run
     args = [f"ckpt={out}/checkpoints/best.ckpt", r'prompt="a\tb"', "unknown=unk", r'stop="\n\n"']
     # near-uniform draws over the 16 characters: a blank line comes within a few hundred of them
     proc = run_cli("generate.py", *args, "temperature=5", "length=3000", "format=jsonl")
