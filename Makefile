@@ -20,10 +20,10 @@ train: setup
 	$(VENV)/bin/python train.py $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
 
 test-all: setup
-	$(VENV)/bin/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 -m "slow or not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

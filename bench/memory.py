@@ -30,9 +30,9 @@ import tempfile
 from pathlib import Path
 
 from bench import ROOT
-from bench.report import table, write_json
+from bench.report import measure_or_run, table, write_json
 from bench.tokenize_speed import _status_bytes, build_archive, build_corpus
-from charlm import UserError, reported_user_errors
+from charlm import UserError
 from charlm.info import describe, machine_info
 
 TARGET_GROWTH = 0.1  # peak RSS growth / corpus growth
@@ -176,11 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one size, JSON out
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    with reported_user_errors():
-        if args.measure:
-            print(json.dumps(measure(args.measure, args.work, args.steps)))
-        else:
-            run(args)
+    measure_or_run(args, lambda: measure(args.measure, args.work, args.steps), run)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@ numbers as JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from charlm import reported_user_errors
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -24,3 +27,13 @@ def write_json(path: str | Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def measure_or_run(args: argparse.Namespace, measure: Callable[[], dict], run: Callable[[argparse.Namespace], None]):
+    """A benchmark that measures each point in a fresh process: with ``--measure`` (how it starts that process)
+    print one measurement as JSON, else run the whole benchmark; a user error is one line either way."""
+    with reported_user_errors():
+        if args.measure:
+            print(json.dumps(measure()))
+        else:
+            run(args)

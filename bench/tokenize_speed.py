@@ -36,8 +36,8 @@ import zlib
 from pathlib import Path
 
 from bench import ROOT
-from bench.report import table, write_json
-from charlm import UserError, reported_user_errors
+from bench.report import measure_or_run, table, write_json
+from charlm import UserError
 from charlm.info import describe, machine_info
 
 TARGET_MB_S = 100.0
@@ -237,11 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:  # tiny defaults; what the command line gives still wins
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    with reported_user_errors():
-        if args.measure:
-            print(json.dumps(measure(args.measure, args.cache_dir, args.preprocess)))
-        else:
-            run(args)
+    measure_or_run(args, lambda: measure(args.measure, args.cache_dir, args.preprocess), run)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,29 @@ class BatchSchedule:
         return [(b, t) for _, b, t in self.phases] + [self.final]
 
 
-class StreamBatches(IterableDataset):
+class _Batches(IterableDataset):
+    """What both kinds of batches share: this rank's share of ``tokens`` in ``batch_size`` x ``seq_len`` batches,
+    with an optional ``schedule`` of shapes over the run (``first_step()``: the run's step at this pass's start),
+    and the position inside the pass that a resume restores (``start``: batches to skip on the next pass;
+    ``position``: batches handed out in the current pass; see CharDataModule.state_dict)."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        schedule: BatchSchedule | None = None,
+        first_step: Callable[[], int] = lambda: 0,
+    ):
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.schedule, self.first_step = schedule, first_step
+        self.start, self.position = 0, 0
+
+
+class StreamBatches(_Batches):
     """TBPTT batches: the split is cut into ``world_size * batch_size`` contiguous streams.
 
     With 2 ranks, 2 streams each, the split a b c d e f g h i j k l m n o p q r is laid out as::
@@ -62,26 +84,15 @@ class StreamBatches(IterableDataset):
     ``len`` batches, so shorter ones leave the streams' ends for the next epoch's pass.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        schedule: BatchSchedule | None = None,
-        first_step: Callable[[], int] = lambda: 0,
-    ):
+    def __init__(self, *layout, drop_last: bool = True, **shape):  # layout and shape: _Batches' arguments
+        super().__init__(*layout, **shape)
+        tokens, batch_size, world_size, rank = self.tokens, self.batch_size, self.world_size, self.rank
         self.stream_len = (len(tokens) - 1) // (batch_size * world_size)
         base = rank * batch_size * self.stream_len
         span = batch_size * self.stream_len
         self.x = tokens[base : base + span].reshape(batch_size, self.stream_len)  # [B, L]
         self.y = tokens[base + 1 : base + span + 1].reshape(batch_size, self.stream_len)  # [B, L]
-        self.seq_len, self.schedule, self.first_step = seq_len, schedule, first_step
         self.drop_last = drop_last
-        self.start = 0  # batches to skip on the next pass (a resume inside an epoch); see CharDataModule.state_dict
-        self.position = 0  # batches handed out in the current pass
 
     def __len__(self) -> int:
         full, rest = divmod(self.stream_len, self.seq_len)
@@ -100,7 +111,7 @@ class StreamBatches(IterableDataset):
             yield _to_long(self.x[:, cols]), _to_long(self.y[:, cols]), k == 0
 
 
-class RandomWindows(IterableDataset):
+class RandomWindows(_Batches):
     """d2l / nanoGPT-style batches of independent random windows; the model resets its state every batch.
 
     An epoch has as many batches as TBPTT would, and its windows are drawn from a generator seeded by
@@ -108,23 +119,10 @@ class RandomWindows(IterableDataset):
     batch k has the shape ``schedule.at(first_step() + k)``.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        epoch: Callable[[], int] = lambda: 0,
-        schedule: BatchSchedule | None = None,
-        first_step: Callable[[], int] = lambda: 0,
-    ):
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-        self.rank, self.seed, self.epoch = rank, seed, epoch
-        self.schedule, self.first_step = schedule, first_step
-        self.num_batches = (len(tokens) - 1) // (batch_size * world_size * seq_len)
-        self.start, self.position = 0, 0  # as in StreamBatches
+    def __init__(self, *layout, seed: int = 0, epoch: Callable[[], int] = lambda: 0, **shape):  # as _Batches'
+        super().__init__(*layout, **shape)
+        self.seed, self.epoch = seed, epoch
+        self.num_batches = (len(self.tokens) - 1) // (self.batch_size * self.world_size * self.seq_len)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -187,9 +187,8 @@ class CharDataModule(pl.LightningDataModule):
         part = self.parts["train"]
         shape = {"schedule": self.schedule, "first_step": self._first_step}
         if self.batch_order == "random":
-            ds = RandomWindows(
-                part, self.batch_size, self.seq_len, self.rank, self.world_size, self.seed, self._epoch, **shape
-            )
+            layout = (part, self.batch_size, self.seq_len, self.rank, self.world_size)
+            ds = RandomWindows(*layout, seed=self.seed, epoch=self._epoch, **shape)
         else:
             ds = StreamBatches(part, self.batch_size, self.seq_len, self.rank, self.world_size, **shape)
         ds.start, self._resume_position = self._resume_position, 0  # the pass after a resume skips what was done

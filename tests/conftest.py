@@ -11,13 +11,22 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from charlm.config import compose
 from charlm.model import RNNConfig, RNNStack
+from charlm.stepper import Stepper
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (``make test`` runs a worker per core, at most 4) each worker, and every process it starts, uses
+# one torch thread: workers that each took torch's default of a thread per core would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def make_text(n: int = 6000, seed: int = 0) -> str:
@@ -92,6 +101,43 @@ def rnn(vocab_size: int, **settings) -> RNNStack:
     return RNNStack(vocab_size, RNNConfig(**settings))
 
 
+def assert_stepper_equals_forward(net: RNNStack, x, s0, atol: float) -> None:
+    """One character at a time through ``Stepper`` (generation's path) gives the parallel forward pass's logits at
+    every position, and its final state."""
+    logits, s_end = net(x, s0)
+    step, state, stepped = Stepper(net), s0, []
+    for t in range(x.shape[1]):
+        out, state = step(x[:, t], state)
+        stepped.append(out)
+    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=0, atol=atol)
+    torch.testing.assert_close(state, s_end, rtol=0, atol=atol)
+
+
+def assert_onnx_step_equals_stepper(onnx_path: str | Path, model, ids: torch.Tensor, state: torch.Tensor) -> None:
+    """The exported step model, run by onnxruntime as a user would, gives ``Stepper``'s logits and next state."""
+    ort = pytest.importorskip("onnxruntime")
+    logits, new_state = ort.InferenceSession(str(onnx_path)).run(None, {"ids": ids.numpy(), "state": state.numpy()})
+    want_logits, want_state = Stepper(model.net)(ids, state)
+    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+
+
+def dropout_search(conf_dir: Path, name: str, sweeper: str) -> None:
+    """Write ``conf_dir/hparams_search/<name>.yaml``: an Optuna search over model.dropout in {0.1, 1.5}, where 1.5
+    is a bad setting whose trial must fail alone. TPE seeded 0 draws 1.5 then 0.1. ``sweeper``: more lines of
+    ``hydra.sweeper`` (YAML indented by four spaces)."""
+    (conf_dir / "hparams_search").mkdir(parents=True, exist_ok=True)
+    (conf_dir / f"hparams_search/{name}.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: optuna\n"
+        "hydra:\n  mode: MULTIRUN\n  sweeper:\n"
+        "    sampler: {_target_: optuna.samplers.TPESampler, seed: 0, n_startup_trials: 10}\n"
+        f"{sweeper}"
+        "    params:\n      model.dropout: choice(0.1, 1.5)\n",
+        encoding="utf-8",
+    )
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
@@ -101,6 +147,15 @@ def run_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
     """Run a script of the checkout (``train.py``, ``generate.py``) as a process, by default from a fresh
     temporary directory, so that runs without ``hydra.run.dir`` leave no outputs/ in the checkout."""
     return _run([sys.executable, str(ROOT / script), *args], cwd or Path(tempfile.mkdtemp(prefix="charlm-cli-")))
+
+
+def run_train(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """``train.py *args`` as a process, into the run directory ``out`` (``hydra.run.dir``); it must finish with a
+    last.ckpt there."""
+    proc = run_cli("train.py", *args, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints/last.ckpt").is_file()
+    return proc
 
 
 def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

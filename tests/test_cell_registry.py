@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,14 @@ from charlm.cli import sample, train
 from charlm.model import RNNConfig
 from charlm.module import CharLM
 from charlm.stepper import Stepper
-from tests.conftest import compose_generate, compose_train, rnn, tiny_overrides
+from tests.conftest import (
+    assert_onnx_step_equals_stepper,
+    assert_stepper_equals_forward,
+    compose_generate,
+    compose_train,
+    rnn,
+    tiny_overrides,
+)
 
 
 def cifg_step(gi: torch.Tensor, gh: torch.Tensor | None, state, norm_c=None):
@@ -55,14 +61,8 @@ def test_the_stepper_equals_the_forward_pass_at_every_position(cifg, layer_norm)
     torch.manual_seed(0)
     net = rnn(11, cell=cifg, impl="scratch", num_layers=2, hidden_size=8, layer_norm=layer_norm).double().eval()
     x, s0 = torch.randint(0, 11, (3, 20)), torch.randn(net.init_state(3).shape, dtype=torch.float64)
-    logits, s_end = net(x, s0)
-    step, state, stepped = Stepper(net), s0, []
-    assert step.summed != layer_norm
-    for t in range(x.shape[1]):
-        out, state = step(x[:, t], state)
-        stepped.append(out)
-    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state, s_end, rtol=0, atol=1e-12)
+    assert Stepper(net).summed != layer_norm
+    assert_stepper_equals_forward(net, x, s0, atol=1e-12)
 
 
 def test_it_trains_resumes_exactly_and_generates(cifg, corpus, tmp_path):
@@ -97,7 +97,7 @@ def test_it_exports_to_onnx(cifg, tmp_path):
     """The ONNX step model of a two-layer CIFG with layer norm runs as the Stepper does."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from charlm.export import export_onnx
 
     torch.manual_seed(0)
@@ -105,10 +105,7 @@ def test_it_exports_to_onnx(cifg, tmp_path):
     onnx_path, vocab_path = export_onnx(model, tmp_path / "cifg.onnx")
     assert json.loads(vocab_path.read_text())["state_shape"] == [2, 2, 1, 16]  # h and C, 2 layers
     ids, state = torch.tensor([0, 3, 8]), torch.randn(model.net.init_state(3).shape)  # [2, L, 3, H]
-    logits, new_state = ort.InferenceSession(onnx_path).run(None, {"ids": ids.numpy(), "state": state.numpy()})
-    want_logits, want_state = Stepper(model.net)(ids, state)
-    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+    assert_onnx_step_equals_stepper(onnx_path, model, ids, state)
 
 
 def test_model_cell_refuses_the_cell_once_the_fixture_has_unregistered_it():

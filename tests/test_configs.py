@@ -26,7 +26,17 @@ from charlm.generation import GenerationConfig
 from charlm.model import CELLS, RNNConfig
 from charlm.module import CharLM
 from charlm.optim import OptimConfig
-from tests.conftest import ROOT, compose_generate, compose_train, make_text, run_cli, run_python, tiny_overrides
+from tests.conftest import (
+    ROOT,
+    compose_generate,
+    compose_train,
+    dropout_search,
+    make_text,
+    run_cli,
+    run_python,
+    run_train,
+    tiny_overrides,
+)
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
 SETTINGS = {"rnn_cfg": RNNConfig, "optim_cfg": OptimConfig}
@@ -344,16 +354,13 @@ def test_help_says_what_the_commands_do_lists_the_config_groups_and_gives_exampl
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_smoke_run(experiment, tmp_path: Path):
-    proc = run_cli(
-        "train.py",
+    run_train(
+        tmp_path,
         f"experiment={experiment}",
         "debug=fast",
         "trainer.limit_train_batches=2",
-        f"hydra.run.dir={tmp_path}",
         f"paths.cache_dir={tmp_path}/cache",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "checkpoints/last.ckpt").is_file()
 
 
 def test_a_sweep_goes_on_past_a_job_with_a_bad_config_and_ends_with_its_jobs_best_first(tmp_path):
@@ -412,16 +419,11 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
         assert cfg.hydra.sweeper.max_failure_rate == 1.0
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(make_text(), encoding="utf-8")
-    (tmp_path / "conf/hparams_search").mkdir(parents=True)
-    (tmp_path / "conf/hparams_search/failing.yaml").write_text(
-        "# @package _global_\n"
-        "defaults:\n  - override /hydra/sweeper: optuna\n"
-        "hydra:\n  mode: MULTIRUN\n  sweeper:\n"
-        "    sampler: {_target_: optuna.samplers.TPESampler, seed: 0, n_startup_trials: 10}\n"
+    dropout_search(
+        tmp_path / "conf",
+        "failing",
         f"    direction: minimize\n    study_name: failing\n    storage: sqlite:///{tmp_path}/study.db\n"
-        "    n_trials: 4\n    n_jobs: 1\n    max_failure_rate: 1.0\n"
-        "    params:\n      model.dropout: choice(0.1, 1.5)\n",
-        encoding="utf-8",
+        "    n_trials: 4\n    n_jobs: 1\n    max_failure_rate: 1.0\n",
     )
     overrides = [
         o

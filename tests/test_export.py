@@ -18,8 +18,8 @@ from charlm.cli import sample, train
 from charlm.config import compose
 from charlm.export import export, export_onnx
 from charlm.module import CharLM, load_checkpoint
-from charlm.stepper import Stepper
 from tests.conftest import (
+    assert_onnx_step_equals_stepper,
     assert_user_error,
     compose_generate,
     compose_train,
@@ -110,12 +110,7 @@ def test_one_step_matches_stepper_at_any_batch_size(exported, cell, batch):
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(len(model.vocab), (batch,), generator=gen)
     state = torch.randn(model.net.init_state(batch).shape, generator=gen)  # [S, L, N, H]: every slot matters
-    logits, new_state = ort.InferenceSession(ckpt.with_suffix(".onnx")).run(
-        None, {"ids": ids.numpy(), "state": state.numpy()}
-    )
-    want_logits, want_state = Stepper(model.net)(ids, state)
-    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+    assert_onnx_step_equals_stepper(ckpt.with_suffix(".onnx"), model, ids, state)
 
 
 @pytest.mark.parametrize(
@@ -139,10 +134,7 @@ def test_every_cell_and_impl_exports(tmp_path, settings):
     meta = json.loads(vocab_path.read_text(encoding="utf-8"))
     assert meta["state_shape"] == [*state.shape[:2], 1, 16] and meta["chars"] == "\n abcdefg"
     ids = torch.tensor([0, 3, 8])
-    logits, new_state = ort.InferenceSession(onnx_path).run(None, {"ids": ids.numpy(), "state": state.numpy()})
-    want_logits, want_state = Stepper(model.net)(ids, state)
-    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+    assert_onnx_step_equals_stepper(onnx_path, model, ids, state)
 
 
 def test_export_cli_rejects_bad_settings_and_keeps_the_checkpoint(exported, tmp_path):

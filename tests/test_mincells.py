@@ -7,7 +7,6 @@ import collections
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,16 @@ from charlm.cells import projections
 from charlm.cli import sample, train
 from charlm.mincells import MinLayer
 from charlm.module import CharLM
-from charlm.stepper import Stepper
-from tests.conftest import compose_generate, compose_train, make_text, rnn, run_module, tiny_overrides
+from tests.conftest import (
+    assert_onnx_step_equals_stepper,
+    assert_stepper_equals_forward,
+    compose_generate,
+    compose_train,
+    make_text,
+    rnn,
+    run_module,
+    tiny_overrides,
+)
 
 V = 11
 CELLS = ("mingru", "minlstm")
@@ -129,13 +136,7 @@ def test_stepper_equals_the_forward_pass_at_every_position(cell, settings):
                 if ".norm_" in name:
                     p.uniform_(0.5, 1.5)
     x, s0 = torch.randint(0, V, (3, 70)), torch.randn(1, 2, 3, 16, dtype=torch.float64)
-    logits, s_end = net(x, s0)
-    step, state, stepped = Stepper(net), s0, []
-    for t in range(x.shape[1]):
-        out, state = step(x[:, t], state)
-        stepped.append(out)
-    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=0, atol=1e-9)
-    torch.testing.assert_close(state, s_end, rtol=0, atol=1e-9)
+    assert_stepper_equals_forward(net, x, s0, atol=1e-9)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -161,17 +162,14 @@ def test_a_tiny_run_learns_context_and_its_checkpoint_generates_text(cell, tmp_p
 def test_the_min_cells_export_to_onnx(tmp_path, settings):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from charlm.export import export_onnx
 
     torch.manual_seed(0)
     model = CharLM({"chars": "abcdefg \n", "unk": None}, hidden_size=16, **settings)
     onnx_path, _ = export_onnx(model, tmp_path / "m.onnx")
     ids, state = torch.tensor([0, 3, 8]), torch.randn(model.net.init_state(3).shape)  # [1, L, 3, H]
-    logits, new_state = ort.InferenceSession(onnx_path).run(None, {"ids": ids.numpy(), "state": state.numpy()})
-    want_logits, want_state = Stepper(model.net)(ids, state)
-    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+    assert_onnx_step_equals_stepper(onnx_path, model, ids, state)
 
 
 def test_the_cells_benchmark_matches_the_min_cells_to_the_lstms_parameter_count(tmp_path):

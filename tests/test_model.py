@@ -1,7 +1,6 @@
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +9,8 @@ from charlm import UserError
 from charlm.cells import CELLS
 from charlm.model import RNNConfig, RNNStack
 from charlm.module import CharLM
-from charlm.stepper import Stepper
 from charlm.vocab import CharVocab
-from tests.conftest import rnn
+from tests.conftest import assert_onnx_step_equals_stepper, assert_stepper_equals_forward, rnn
 
 V = 40
 
@@ -275,13 +273,7 @@ def test_lstmp_stepper_equals_the_forward_pass_at_every_position(impl):
     torch.manual_seed(0)
     net = rnn(V, cell="lstm", impl=impl, num_layers=2, hidden_size=16, proj_size=5, tie_weights=False).double().eval()
     x, s0 = torch.randint(0, V, (3, 20)), rand_state(net, 3).double()
-    logits, s_end = net(x, s0)
-    step, state, stepped = Stepper(net), s0, []
-    for t in range(x.shape[1]):
-        out, state = step(x[:, t], state)
-        stepped.append(out)
-    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state, s_end, rtol=0, atol=1e-12)
+    assert_stepper_equals_forward(net, x, s0, atol=1e-12)
 
 
 def test_lstmp_ties_weights_with_a_p_wide_embedding_and_exports(tmp_path):
@@ -289,14 +281,11 @@ def test_lstmp_ties_weights_with_a_p_wide_embedding_and_exports(tmp_path):
     assert net.decoder.weight is net.embedding.weight
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from charlm.export import export_onnx
 
     torch.manual_seed(0)
     model = CharLM({"chars": "abcdefg \n", "unk": None}, hidden_size=16, proj_size=6, num_layers=2, tie_weights=False)
     onnx_path, _ = export_onnx(model, tmp_path / "m.onnx")
     ids, state = torch.tensor([0, 3, 8]), torch.randn(model.net.init_state(3).shape)  # [2, L, 3, H]
-    logits, new_state = ort.InferenceSession(onnx_path).run(None, {"ids": ids.numpy(), "state": state.numpy()})
-    want_logits, want_state = Stepper(model.net)(ids, state)
-    np.testing.assert_allclose(logits, want_logits.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, want_state.numpy(), rtol=0, atol=1e-5)
+    assert_onnx_step_equals_stepper(onnx_path, model, ids, state)

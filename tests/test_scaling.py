@@ -28,7 +28,7 @@ from charlm import UserError
 from charlm.cli import train
 from charlm.config import check_trainer
 from charlm.module import load_checkpoint
-from tests.conftest import ROOT, compose_train, make_text, tiny_overrides
+from tests.conftest import ROOT, compose_train, dropout_search, make_text, tiny_overrides
 
 JOB = "4242"
 SLURM_TASK = {  # what srun sets for the one task of a one-node job (sbatch --nodes=1 --ntasks-per-node=1)
@@ -149,6 +149,14 @@ def tiny(corpus: Path, *extra: str) -> list[str]:
     """``tiny_overrides`` for a process whose run directory Hydra picks (no ``paths.output_dir``); the token cache
     goes beside the corpus."""
     return [o for o in tiny_overrides(corpus, corpus.parent / "run", *extra) if not o.startswith("paths.output_dir")]
+
+
+def launched_sweep(corpus: Path, sweep: Path, launcher: str, *points: str) -> list[str]:
+    """The arguments of a ``-m`` sweep of one-epoch tiny runs into ``sweep`` through ``hydra/launcher=launcher``,
+    over ``points`` (e.g. ``model.hidden_size=8,16``)."""
+    args = tiny(corpus, "trainer.max_epochs=1", "trainer.limit_train_batches=10", "test=false", "sample_length=0")
+    args = ["-m", *(a for a in args if not a.startswith("model.hidden_size"))]  # options before overrides
+    return [*args, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}", *points]
 
 
 def ranks(out: Path, tag: str, n: int = 2) -> list[dict]:
@@ -428,10 +436,9 @@ def test_two_slurm_tasks_requeue_together_when_only_one_got_the_signal_mid_step(
 def test_joblib_launcher_runs_jobs_in_worker_processes_and_a_bad_job_fails_alone(corpus, tmp_path):
     require(LAUNCHERS["joblib"], "cluster")
     sweep = tmp_path / "sweep"
-    args = tiny(corpus, "trainer.max_epochs=1", "trainer.limit_train_batches=10", "test=false", "sample_length=0")
-    args = ["-m", *(a for a in args if not a.startswith("model.hidden_size"))]  # options before overrides
-    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
-    args += ["model.hidden_size=8,16", "model.dropout=0.1,1.5"]
+    args = launched_sweep(
+        corpus, sweep, "joblib", "hydra.launcher.n_jobs=2", "model.hidden_size=8,16", "model.dropout=0.1,1.5"
+    )
     args += ["+callbacks.ranks._target_=tests.test_scaling.RecordRank", "+callbacks.ranks.out=${paths.output_dir}"]
     sweeper = start(args, tmp_path / "cwd", clean_env())
     ((rc, _, stderr),) = finish(sweeper)
@@ -454,9 +461,7 @@ def test_joblib_launcher_runs_jobs_in_worker_processes_and_a_bad_job_fails_alone
 def test_submitit_local_launcher_runs_the_job_the_slurm_launcher_would(corpus, tmp_path):
     require(LAUNCHERS["submitit"], "cluster")
     sweep = tmp_path / "sweep"
-    args = tiny(corpus, "trainer.max_epochs=1", "trainer.limit_train_batches=10", "test=false", "sample_length=0")
-    args = ["-m", *(a for a in args if not a.startswith("model.hidden_size"))]  # options before overrides
-    args += ["hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "model.hidden_size=8"]
+    args = launched_sweep(corpus, sweep, "submitit_local", "model.hidden_size=8")
     ((rc, _, stderr),) = finish(start(args, tmp_path / "cwd", clean_env()))
     assert rc == 0, stderr[-3000:]
     (job,) = [p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()]
@@ -480,17 +485,8 @@ def test_an_optuna_study_in_shared_storage_goes_on_where_it_stopped_and_records_
     import optuna
 
     db = tmp_path / "studies.db"
-    (tmp_path / "conf/hparams_search").mkdir(parents=True)
-    (tmp_path / "conf/hparams_search/shared.yaml").write_text(
-        "# @package _global_\n"
-        "defaults:\n  - override /hydra/sweeper: optuna\n"
-        "hydra:\n  mode: MULTIRUN\n  sweeper:\n"
-        # its first two draws are 1.5, 0.1; the second run, with the same seed, draws them again
-        "    sampler: {_target_: optuna.samplers.TPESampler, seed: 0, n_startup_trials: 10}\n"
-        "    direction: minimize\n    n_jobs: 1\n    max_failure_rate: 1.0\n"
-        "    params:\n      model.dropout: choice(0.1, 1.5)\n",
-        encoding="utf-8",
-    )
+    # its first two draws are 1.5, 0.1; the second run, with the same seed, draws them again
+    dropout_search(tmp_path / "conf", "shared", "    direction: minimize\n    n_jobs: 1\n    max_failure_rate: 1.0\n")
     args = ["--config-dir", str(tmp_path / "conf"), "hparams_search=shared", "hydra.sweeper.n_trials=2"]
     args += tiny(corpus, "trainer.max_epochs=1", "trainer.limit_train_batches=5", "test=false", "sample_length=0")
     args += [f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=shared"]  # as the README says

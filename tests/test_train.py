@@ -26,7 +26,15 @@ from charlm.cli import sample, train
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
-from tests.conftest import assert_user_error, compose_generate, compose_train, make_text, run_cli, tiny_overrides
+from tests.conftest import (
+    assert_user_error,
+    compose_generate,
+    compose_train,
+    make_text,
+    run_cli,
+    run_train,
+    tiny_overrides,
+)
 
 
 def sha(path: Path) -> str:
@@ -364,21 +372,8 @@ def test_ddp_cpu_two_ranks_train_on_disjoint_streams(tmp_path):
     corpus.write_text(text, encoding="utf-8")
     out = tmp_path / "ddp"
     out.mkdir()
-    proc = run_cli(
-        "train.py",
-        *tiny_overrides(
-            corpus,
-            out,
-            "trainer=ddp_cpu",
-            "trainer.devices=2",
-            "sample_length=0",
-            "+callbacks.probe._target_=tests.probe.RecordBatches",
-            f"+callbacks.probe.out={out}",
-            f"hydra.run.dir={out}",
-        ),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "checkpoints/last.ckpt").is_file()
+    probe = ("+callbacks.probe._target_=tests.probe.RecordBatches", f"+callbacks.probe.out={out}")
+    run_train(out, *tiny_overrides(corpus, out, "trainer=ddp_cpu", "trainer.devices=2", "sample_length=0", *probe))
     rank0, rank1 = np.load(out / "rank0.npy"), np.load(out / "rank1.npy")
     assert rank0.shape == rank1.shape  # same number of batches, same batch size
     model = load_checkpoint(out / "checkpoints/last.ckpt")
