@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_generate, compose_train
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(
@@ -102,6 +103,56 @@ def test_runnable_block_runs_as_written(workspace, page, line, lang, extra, body
         assert proc.returncode == 0, (
             f"{page.name}:{line}: {shlex.join(args)}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
         )
+
+
+FENCE = re.compile(r"^```bash\n(?P<body>.*?)^```", re.M | re.S)
+SPAN = re.compile(r"(?<!`)`([^`]*\b(?:train|generate)\.py\b[^`]*)`(?!`)")
+APPS = {"train.py": compose_train, "charlm-train": compose_train, "generate.py": compose_generate}
+APPS["charlm-generate"] = compose_generate
+
+
+def app_commands(page: Path) -> list[tuple[str, str, list[str]]]:
+    """(the line, the app, its overrides) of every ``train.py`` / ``generate.py`` command (or console script) of
+    ``page``: in its bash blocks, runnable or not (continued lines joined), and in its text's code spans. Options
+    that are not overrides are dropped and placeholders (``<run>``) filled; a sweep's overrides keep their first
+    value. Commands with a user's own ``--config-dir`` are left out."""
+    text = page.read_text("utf-8")
+    lines = [line for block in FENCE.finditer(text) for line in block["body"].replace("\\\n", " ").splitlines()]
+    lines += [" ".join(span.split()) for span in SPAN.findall(FENCE.sub("", text))]
+    found = []
+    for line in lines:
+        args = shlex.split(line, comments=True)
+        script = next((i for i, a in enumerate(args) if Path(a).name in APPS), None)
+        if line.startswith("#") or script is None or "--config-dir" in args:
+            continue
+        overrides = [re.sub(r"<[\w ]+>", "X", a) for a in args[script + 1 :] if not a.startswith("-") and "=" in a]
+        found.append((line.strip(), Path(args[script]).name, overrides))
+    return found
+
+
+def first_point(overrides: list[str]) -> list[str]:
+    """A sweep's overrides (``a=1,2``) as its first job gets them (``a=1``)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [
+        f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
+        for o in parsed
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_on_the_page_composes(page):
+    """Commands too slow, or needing hardware, to run here (GPUs, SLURM, a full recipe) still name only settings,
+    groups and options that exist: each composes as charlm-train / charlm-generate would compose it."""
+    for line, app, overrides in app_commands(page):
+        try:
+            APPS[app](first_point(overrides), **({"return_hydra_config": True} if APPS[app] is compose_train else {}))
+        except Exception as e:  # noqa: BLE001 - the page's line is the report
+            pytest.fail(f"{page.name}: {line}\n{type(e).__name__}: {e}")
+
+
+def test_the_pages_hold_commands_of_both_apps():
+    assert sum(len(app_commands(p)) for p in PAGES) >= 30
+    assert {app for p in PAGES for _, app, _ in app_commands(p)} >= {"train.py", "generate.py"}
 
 
 INTERNAL = re.compile(
