@@ -30,14 +30,15 @@ def reported_user_errors(exit: bool = True, log: logging.Logger | None = None):
     ``exit=False`` (a job of a sweep): print the line, then raise the UserError itself, which Hydra records as
     that job's failure (and Optuna as a failed trial) while the sweep goes on; a SystemExit would end it.
     ``log``: log the line as an error instead of printing it (charlm-train's logging shows it on stderr and
-    writes it into the run's train.log)."""
+    writes it into the run's train.log); printed all the same where that logging shows nothing
+    (``hydra/job_logging=disabled``)."""
     try:
         yield
     except Exception as e:
         cause = user_error_in(e)
         if cause is None:
             raise
-        if log is None:
+        if log is None or not (log.isEnabledFor(logging.ERROR) and log.hasHandlers()):
             print(f"error: {cause}", file=sys.stderr)
         else:
             log.error(f"error: {cause}")

@@ -17,6 +17,7 @@ import warnings
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from charlm.corpus import corpus_name
 from charlm.data import CharDataModule
@@ -30,6 +31,12 @@ KNOWN_WARNINGS = (
     {"message": r".*IterableDataset.*has `__len__` defined"},
     # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
     {"message": r".*resuming from a checkpoint that ended before the epoch ended"},
+    # The epoch metrics come from torchmetrics, whose compute() has all-reduced them across ranks already.
+    {
+        "message": r"It is recommended to use `self\.log\('(train|val|val_full|test)/",
+        "category": PossibleUserWarning,
+        "module": r"pytorch_lightning\.trainer\.connectors\.logger_connector\.result",
+    },
     # Lightning's own use of a torch API that torch deprecated; nothing in charlm calls it.
     {
         "message": r"`isinstance\(treespec, LeafSpec\)` is deprecated",

@@ -32,7 +32,8 @@ def shown(tmp_path_factory) -> Shown:
     corpus.write_text(make_text(), encoding="utf-8")
     out = tmp / "run"
     probe = ["+callbacks.warn._target_=tests.probe.WarnAtStart", f"+callbacks.warn.message={WARNING!r}"]
-    args = ["trainer.max_epochs=1", "trainer.enable_progress_bar=true", f"hydra.run.dir={out}", *probe]
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=10", "trainer.limit_val_batches=3"]
+    args = [*short, "trainer.limit_test_batches=3", "trainer.enable_progress_bar=true", f"hydra.run.dir={out}", *probe]
     proc = run_cli("train.py", *tiny_overrides(corpus, out, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Shown(proc, out)
@@ -40,13 +41,12 @@ def shown(tmp_path_factory) -> Shown:
 
 def test_one_header_line_and_no_chatter_before_training(shown):
     lines = shown.proc.stdout.splitlines()
-    first_bar = next(i for i, line in enumerate(lines) if BAR in line)
     assert re.fullmatch(
         rf"training lstm 2x32 \([\d.]+ K params\) on tiny \(vocab \d+, [\d,]+ train chars\)"
         rf" \| (32-true|bf16-mixed) \| {re.escape(str(shown.out))}",
         lines[0],
     ), lines[0]
-    assert first_bar == 1, lines[:first_bar]  # no model summary table, nothing else
+    assert re.match(r"(Sanity Checking|Epoch 0/0) .*━", lines[1]), lines[:20]  # the progress bar: nothing between
     everything = shown.proc.stdout + shown.proc.stderr
     for chatter in ("litlogger", "LeafSpec", "was configured", "GPU available", "Total params", "`Trainer.fit`"):
         assert chatter not in everything, chatter
@@ -83,3 +83,14 @@ def test_a_run_that_fails_in_training_shows_only_its_error_line(corpus, tmp_path
     line = assert_user_error(proc, "training diverged at step 2", code=3)
     assert proc.stdout.splitlines()[0].startswith("training lstm 2x32")
     assert (out / "train.log").read_text().splitlines()[-1] == line
+
+
+@pytest.mark.slow
+def test_a_data_parallel_run_shows_its_header_once_and_no_warning_about_its_synced_metrics(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    ddp = ["trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=1", "trainer.limit_train_batches=10"]
+    ddp += ["trainer.limit_val_batches=3", "trainer.limit_test_batches=3", "sample_length=0", f"hydra.run.dir={out}"]
+    proc = run_cli("train.py", *tiny_overrides(corpus, out, *ddp))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("training ")] == [proc.stdout.splitlines()[0]]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] > 0
