@@ -73,7 +73,6 @@ def measure(corpus: Path, work: Path, steps: int) -> dict:
             "trainer.limit_val_batches=20",
             "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false",
             "logger=none",
             "test=false",
             "sample_length=0",

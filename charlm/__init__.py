@@ -1,5 +1,6 @@
 """charlm: character-level RNN language models with PyTorch Lightning and Hydra."""
 
+import logging
 import sys
 from contextlib import contextmanager
 
@@ -23,18 +24,24 @@ class Diverged(UserError):
 
 
 @contextmanager
-def reported_user_errors(exit: bool = True):
+def reported_user_errors(exit: bool = True, log: logging.Logger | None = None):
     """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and its exit code.
 
     ``exit=False`` (a job of a sweep): print the line, then raise the UserError itself, which Hydra records as
-    that job's failure (and Optuna as a failed trial) while the sweep goes on; a SystemExit would end it."""
+    that job's failure (and Optuna as a failed trial) while the sweep goes on; a SystemExit would end it.
+    ``log``: log the line as an error instead of printing it (charlm-train's logging shows it on stderr and
+    writes it into the run's train.log); printed all the same where that logging shows nothing
+    (``hydra/job_logging=disabled``)."""
     try:
         yield
     except Exception as e:
         cause = user_error_in(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        if log is None or not (log.isEnabledFor(logging.ERROR) and log.hasHandlers()):
+            print(f"error: {cause}", file=sys.stderr)
+        else:
+            log.error(f"error: {cause}")
         if not exit:
             raise cause from None
         raise SystemExit(cause.exit_code) from None

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -30,9 +32,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from charlm import UserError, reported_user_errors, user_error_in
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.checkpoint import required_ckpt
+from charlm.checkpoint import required_ckpt, write_atomic
 from charlm.checks import choice, whole
 from charlm.config import CONF_DIR, build, compose, register
+from charlm.console import header, log
 from charlm.generation import GenerationConfig, sample_text, stream_text, unescape
 from charlm.module import CharLM, load_checkpoint
 from charlm.sweeps import summarize, table
@@ -41,15 +44,19 @@ REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build, fit, test; return the final metrics."""
+    """Build, fit, test; return the final metrics. Rank 0 logs the header line and the report (``charlm.console``)
+    and writes ``metrics.json`` into the run directory."""
+    start = time.monotonic()
     dm, model, trainer = build(cfg)
+    if trainer.is_global_zero:
+        log.info(header(cfg, dm, model, trainer))
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
         stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
         name = stop.signal if stop else "SIGTERM"
         where = f"; resume with ckpt_path={stop.ckpt_path}" if stop else ""
-        print(f"stopped by {name} after step {trainer.global_step}{where}", file=sys.stderr)
+        log.warning(f"stopped by {name} after step {trainer.global_step}{where}")
         raise SystemExit(130 if name == "SIGINT" else 143) from None
     epoch_metrics = [f"{stage}/{name}" for stage in REPORTED for name in ("loss", "ppl", model.vocab.bits)]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
@@ -68,18 +75,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log_hparams(cfg, trainer, metrics, [k for k in epoch_metrics if k in metrics])
     if trainer.is_global_zero:
         report(cfg, trainer, model, metrics, "best" if run_test and best else "final", best, last)
+        record = {
+            "metrics": metrics,
+            "checkpoints": {"best": best or None, "last": last or None},
+            "precision": str(trainer.precision),
+            "recipe": cfg.get("recipe"),
+            "wall_time_s": round(time.monotonic() - start, 3),
+            "global_step": trainer.global_step,
+        }
+        text = json.dumps(record, indent=2).encode()
+        write_atomic(Path(cfg.paths.output_dir) / "metrics.json", lambda f: f.write(text))
     return metrics
 
 
 def report(
     cfg: DictConfig, trainer: pl.Trainer, model: CharLM, metrics: dict[str, float], weights: str, best: str, last: str
 ) -> None:
+    """The lines after the progress bar: precision, metrics, a sample, where the checkpoints and TensorBoard are."""
     bits = model.vocab.bits
     recipe = f", recipe {cfg.recipe} (of the experiment's {', '.join(cfg.recipes)})" if "recipes" in cfg else ""
-    print(f"precision: {trainer.precision}{recipe}")
+    log.info(f"precision: {trainer.precision}{recipe}")
     for stage in REPORTED:
         if f"{stage}/loss" in metrics:
-            print(
+            log.info(
                 f"{stage}: loss {metrics[f'{stage}/loss']:.4f} nats | ppl {metrics[f'{stage}/ppl']:.3f}"
                 f" | {bits} {metrics[f'{stage}/{bits}']:.4f}"
             )
@@ -92,11 +110,11 @@ def report(
         text = sample_text(model.net, model.vocab, prompt, cfg.sample_length, settings, unknown="skip", generator=gen)[
             0
         ]
-        print(f"sample ({weights} weights, temperature {settings.temperature}):\n{text}\n")
+        log.info(f"sample ({weights} weights, temperature {settings.temperature}):\n{text}\n")
     if best:
-        print(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
+        log.info(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
     if trainer.loggers:
-        print(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
+        log.info(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
 
 
 Format = Literal["text", "jsonl"]  # charlm-generate's output: streamed text | one JSON object per sample
@@ -194,8 +212,9 @@ _failed_jobs: list[str] = []  # one line for each job of a sweep that failed in 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _train_app(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    logging.captureWarnings(True)  # warnings through the job's logging too: on stderr and into train.log
     try:
-        with reported_user_errors(exit=not multirun):
+        with reported_user_errors(exit=not multirun, log=log):
             metrics = train(cfg)
     except UserError as e:  # a job of a sweep: Hydra records it (and Optuna the trial) as failed
         # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included

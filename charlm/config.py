@@ -11,7 +11,6 @@ import inspect
 import os
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
 from charlm.checkpoint import AtomicCheckpointIO
 from charlm.checks import number, whole
+from charlm.console import ignore_known_warnings
 from charlm.data import CharDataModule
 from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
@@ -235,10 +235,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
     anything is written."""
     move_renamed(cfg)  # a config from the Hydra app; compose() has moved them already
-    # Our datasets load in the main process and shard themselves by rank, so their __len__ is exact.
-    warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
-    # CharDataModule.state_dict restores the position inside an epoch, which Lightning cannot see.
-    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+    ignore_known_warnings()
     requeued = requeued_resume_path(cfg.paths.output_dir)
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
         if os.environ.get("SLURM_PROCID", "0") == "0":

@@ -60,7 +60,6 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
         "trainer=cpu",
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
         f"paths.output_dir={out}",
         f"paths.cache_dir={out.parent / 'cache'}",
         "sample_length=20",

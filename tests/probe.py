@@ -1,10 +1,12 @@
 """Callbacks the tests inject from the command line (+callbacks.NAME._target_=tests.probe.X): they record batches,
-kill the run at a chosen step or inside a save, stop it, or replace the wall clock with one that advances per step."""
+kill the run at a chosen step or inside a save, stop it, replace the wall clock with one that advances per step, or
+raise a warning no library knows."""
 
 import os
 import signal
 import time
 import types
+import warnings
 
 import numpy as np
 import pytorch_lightning as pl
@@ -144,3 +146,13 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             trainer.should_stop = True
+
+
+class WarnAtStart(pl.Callback):
+    """Raise a ``UserWarning`` saying ``message`` when training starts: a warning on nobody's list of known ones."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def on_train_start(self, trainer, pl_module):
+        warnings.warn(self.message, UserWarning, stacklevel=1)

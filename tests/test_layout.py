@@ -37,6 +37,7 @@ LAYERS = [
     "charlm.runs",
     "charlm.board",
     "charlm.sweeps",
+    "charlm.console",
     "charlm.config",
     "charlm.info",
     "charlm.cli",

@@ -7,6 +7,8 @@ through ``trainer.plugins``, as a user can. The bf16 hardware probe is forced bo
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -209,13 +211,16 @@ def test_budget_presets_pick_the_recipe_of_the_resolved_precision(tmp_path, monk
     assert forced.optim.lr == 0.003 and alias.optim.lr == cfg.recipes.fp32.lr
 
 
-def test_a_run_prints_and_records_its_precision_and_recipe(tmp_path, monkeypatch, capsys):
+def test_a_run_prints_and_records_its_precision_and_recipe(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="charlm")
     monkeypatch.setattr(charlm.hardware, "cpu_native_bf16", lambda: False)
     args = ["experiment=shakespeare_1min", "debug=fast", "trainer.max_time=null", "data.eval_batch_size=8"]
     args += ["callbacks=no_logger", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"]
     args += [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
     train(compose_train(args))
-    assert "precision: 32-true, recipe fp32 (of the experiment's bf16, fp32)" in capsys.readouterr().out
+    assert "precision: 32-true, recipe fp32 (of the experiment's bf16, fp32)" in caplog.messages
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert (record["precision"], record["recipe"]) == ("32-true", "fp32")
     _, _, values = hparams_entry(tmp_path / "tb")
     assert {n.split(" ", 1)[1]: v for n, v in values.items()}["recipe"] == "fp32"
 
