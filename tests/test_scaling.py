@@ -233,9 +233,9 @@ def test_two_torchrun_nodes_train_one_run_and_it_resumes_on_one_machine(corpus, 
     spans.sort()
     assert all(a_end <= b_start for (_, a_end, _), (b_start, _, _) in zip(spans, spans[1:], strict=False))
     assert {r for *_, r in spans} == {0, 1}
-    # one run: one set of checkpoints, one TensorBoard directory, nothing beside either agent
+    # one run: one set of checkpoints, one TensorBoard run (the run directory), nothing beside either agent
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert {p.parent for p in tmp_path.rglob("events.out.tfevents.*")} == {run / "tb"}
+    assert {p.parent for p in tmp_path.rglob("events.out.tfevents.*")} == {run}
     assert {p.parent for p in tmp_path.rglob("*.ckpt")} == {run / "checkpoints"}
     assert [list(p.iterdir()) for p in (tmp_path / "node0", tmp_path / "node1")] == [[], []]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
