@@ -231,14 +231,18 @@ def run_overrides(overrides: list[str], in_run_dir: bool = False) -> list[str]:
 
 
 def command_line_with_run_overrides(argv: list[str]) -> list[str]:
-    """``argv`` (``sys.argv``) with ``run_overrides`` added: Hydra's app reads its overrides from ``sys.argv``, and
-    Lightning's DDP launcher starts the other ranks with it."""
+    """``argv`` (``sys.argv``) with ``run_overrides`` added before its own overrides (as ``compose`` adds them: a
+    ``~key`` of the resume then deletes what a restored ``+key.*`` added): Hydra's app reads its overrides from
+    ``sys.argv``, and Lightning's DDP launcher starts the other ranks with it."""
     if not any(a.startswith("ckpt_path=") for a in argv[1:]):
         return argv
     from hydra._internal.utils import get_args_parser  # Hydra's own: which arguments are overrides
 
     args, _ = get_args_parser().parse_known_args(argv[1:])
-    return [*argv, *run_overrides(args.overrides)]
+    rest = list(argv[1:])
+    for override in args.overrides:
+        rest.remove(override)
+    return [argv[0], *rest, *run_overrides(args.overrides), *args.overrides]
 
 
 def hydra_quoted(value: str) -> str:
@@ -252,4 +256,6 @@ def resume_command(ckpt_path: str | Path) -> str:
     interpreter, or ``charlm-train``), to be pasted as printed."""
     script = Path(sys.argv[0])
     program = f"{shown(sys.executable)} {shown(script)}" if script.suffix == ".py" else "charlm-train"
-    return f"{program} {shlex.quote('ckpt_path=' + hydra_quoted(shown(ckpt_path)))}"
+    arg = "ckpt_path=" + hydra_quoted(shown(ckpt_path))
+    plain = shlex.quote(arg) == arg or re.search(r'["$`\\!]', arg)  # else "...": reads better than '..'"'"'..'
+    return f"{program} {shlex.quote(arg) if plain else chr(34) + arg + chr(34)}"

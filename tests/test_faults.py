@@ -91,7 +91,8 @@ def test_a_stopped_run_names_the_signal_that_stopped_it_and_no_other(corpus, tmp
     quiet = ["logger=none", "callbacks=no_logger", "test=false", "sample_length=0", f"hydra.run.dir={out}"]
     proc = run_cli("train.py", *tiny_overrides(corpus, out, *quiet, *kill))
     assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], proc.stderr[-3000:]
-    stop = f"stopped by {how} after step 4; resume: {sys.executable} {ROOT / 'train.py'} ckpt_path={out}/checkpoints/last.ckpt"
+    resume = f"{sys.executable} {ROOT / 'train.py'} ckpt_path={out}/checkpoints/last.ckpt"  # as run_cli started it
+    stop = f"stopped by {how} after step 4; resume: {resume}"
     assert proc.stderr.strip().splitlines()[-1] == stop, proc.stderr[-3000:]
     other = {"SIGINT": "SIGTERM", "SIGTERM": "SIGINT"}[how]
     assert other not in proc.stdout + proc.stderr and (proc.stdout + proc.stderr).count(how) == 1

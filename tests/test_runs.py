@@ -41,7 +41,8 @@ def fake_run(root: Path, overrides: list[str]) -> Path:
 def test_a_resume_command_line_gets_the_runs_overrides_that_it_does_not_set_again(tmp_path):
     ckpt = fake_run(tmp_path / "run", ["model=gru", "model.hidden_size=64", "trainer.max_epochs=2", "ckpt_path=old"])
     argv = ["train.py", "--config-dir", "mine", f"ckpt_path={ckpt}", "trainer.max_epochs=5"]
-    assert command_line_with_run_overrides(argv) == [*argv, "model=gru", "model.hidden_size=64"]
+    restored = ["model=gru", "model.hidden_size=64"]  # before the resume's own: a ~key there deletes a restored one
+    assert command_line_with_run_overrides(argv) == [*argv[:3], *restored, *argv[3:]]
     assert command_line_with_run_overrides(["train.py", "model=gru"]) == ["train.py", "model=gru"]  # no resume
 
 
@@ -49,7 +50,9 @@ def test_the_resume_command_works_as_printed_for_a_run_directory_named_by_its_se
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
     ckpt = tmp_path / "outputs/tiny/hidden_size=128,lr=0.01/2026-01-01_10-00-00-1-2/checkpoints/last.ckpt"
-    words = shlex.split(resume_command(ckpt))
+    command = resume_command(ckpt)
+    assert command.endswith(f"\"ckpt_path='{ckpt.relative_to(tmp_path)}'\"")  # quoted for Hydra and the shell
+    words = shlex.split(command)
     assert words[:2] == [sys.executable, str(ROOT / "train.py")]
     (override,) = OverridesParser.create().parse_overrides(words[2:])
     assert (override.key_or_group, override.value()) == ("ckpt_path", str(ckpt.relative_to(tmp_path)))
