@@ -56,3 +56,10 @@ def test_the_resume_command_works_as_printed_for_a_run_directory_named_by_its_se
     assert words[:2] == [sys.executable, str(ROOT / "train.py")]
     (override,) = OverridesParser.create().parse_overrides(words[2:])
     assert (override.key_or_group, override.value()) == ("ckpt_path", str(ckpt.relative_to(tmp_path)))
+
+
+def test_a_resume_goes_on_in_the_run_directory_of_its_checkpoint(tmp_path):
+    ckpt = fake_run(tmp_path / "outputs/tiny/hidden_size=64/stamp", ["model.hidden_size=64"])
+    resumed = compose_train([f"ckpt_path='{ckpt}'"], return_hydra_config=True)
+    assert run_dir("STAMP", _root_=resumed) == str(ckpt.parent.parent)
+    assert resumed.model.hidden_size == 64
