@@ -1,4 +1,4 @@
-"""Scalars from the TensorBoard event files of one run, as train.py writes them to ``<run dir>/tb``."""
+"""Scalars from the TensorBoard event files of one run, as train.py writes them into its run directory."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from charlm.board import board_tag
 
 
 def event_dir(path: str | Path) -> Path:
-    """``path`` if it holds event files, else its ``tb/`` if that does; a UserError if neither does."""
+    """``path`` if it holds event files, else its ``tb/`` if that does (where earlier versions of train.py wrote
+    them); a UserError if neither does."""
     path = Path(path).expanduser()
     for candidate in (path, path / "tb"):
         if any(candidate.glob("events.out.tfevents.*")):
             return candidate
-    raise UserError(f"no TensorBoard event files in {str(path)!r} or its tb/; pass a run directory of train.py.")
+    raise UserError(f"no TensorBoard event files in {str(path)!r}; pass a run directory of train.py.")
 
 
 class RunEvents:

@@ -1,10 +1,11 @@
 """Plot validation bits per character against wall-clock time, one line per run, from TensorBoard events.
 
-    .venv/bin/python -m bench.plot_curves --run lstm=outputs/2026-11-24/11-12-08 --run gru=outputs/<run> \\
-        --out docs/val_bpc_vs_time.png
+    .venv/bin/python -m bench.plot_curves --run lstm=outputs/timemachine/<stamp> \\
+        --run outputs/timemachine/model=gru/<stamp> --out docs/val_bpc_vs_time.png
 
-A run is ``LABEL=DIR`` (or just ``DIR``, labelled by its name), where DIR is a run directory of train.py or
-its ``tb/``. Time counts from the run's first event, so start-up before the logger opened is not included.
+A run is ``LABEL=DIR`` (or just ``DIR``, labelled by the last two parts of its path), where DIR is a run directory
+of train.py (or, for runs of earlier versions, its ``tb/``). Time counts from the run's first event, so start-up
+before the logger opened is not included.
 Needs matplotlib: ``pip install -e ".[bench]"``.
 """
 
@@ -21,12 +22,14 @@ TAG = "val/bpc"
 
 
 def parse_run(spec: str) -> tuple[str, str]:
-    """``LABEL=DIR`` -> (LABEL, DIR); a bare DIR is labelled with its run directory's name."""
+    """``LABEL=DIR`` -> (LABEL, DIR); a bare DIR (which may hold ``=`` itself: ``outputs/x/hidden_size=128/...``) is
+    labelled with its run's settings and stamp, the last two parts of its path."""
     label, sep, path = spec.partition("=")
-    if sep:
+    if sep and not Path(spec).expanduser().exists():
         return label, path
     run_dir = Path(spec).resolve()
-    return (run_dir.parent if run_dir.name == "tb" else run_dir).name, spec
+    run_dir = run_dir.parent if run_dir.name == "tb" else run_dir
+    return f"{run_dir.parent.name}/{run_dir.name}", spec
 
 
 def plot(runs: dict[str, RunEvents], out: Path) -> None:

@@ -79,46 +79,42 @@ class CurvesFirstLogger(TensorBoardLogger):
         super().log_metrics({board_tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
 
     @rank_zero_only
-    def log_run(self, params: Mapping[str, object], metric_names: list[str]) -> None:
-        """The HPARAMS entry: ``params`` (values str, int, float or bool) against the curves ``metric_names``
-        (Lightning names, e.g. ``val/bpc``): the tab reads each metric's last logged value.
+    def log_run(self, params: Mapping[str, object]) -> None:
+        """The HPARAMS entry: ``params`` (values str, int, float or bool) against the run's curves: the tab reads
+        each one's last logged value.
 
-        The tab sorts hyperparameters by name and shows the first five, so each name gets its rank in
-        ``params`` as a prefix (``01 name``, ``02 model.cell``, ...): the table opens on the first ones."""
-        values = {
-            f"{i:02d} {k}": v if isinstance(v, str | bool | int | float) else str(v)
-            for i, (k, v) in enumerate(params.items(), start=1)
-        }
-        exp, ssi, sei = hparams_summaries(values, dict.fromkeys(map(board_tag, metric_names), 0.0))
+        Only the session summaries are written, not the experiment summary that ``hparams()`` makes: given one,
+        TensorBoard takes the first run's as the whole table's and lists its settings by name. Without one it
+        builds the table from every run's settings and lists first those whose values differ between runs (its
+        first five are the columns shown), then the metrics, whose names sort the val curves first."""
+        _, ssi, sei = hparams_summaries(dict(params), {})  # metrics are named in the experiment summary alone
         writer = self.experiment._get_file_writer()
-        for summary in (exp, ssi, sei):
+        for summary in (ssi, sei):
             writer.add_summary(summary)
         writer.flush()
 
 
-def log_hparams(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], names: list[str]) -> None:
-    """Each logger's HPARAMS entry for the finished run: ``curated_hparams`` against its final ``metrics``
-    (``names``: their order); for ``CurvesFirstLogger`` the val and test curves themselves."""
+def log_hparams(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Each logger's HPARAMS entry for the finished run: ``curated_hparams`` against its final ``metrics``; for
+    ``CurvesFirstLogger`` against the curves themselves."""
     params = curated_hparams(cfg, trainer)
     for logger in trainer.loggers:
         if isinstance(logger, CurvesFirstLogger):
-            logger.log_run(params, [k for k in names if not k.startswith("train/")])
+            logger.log_run(params)
         else:
             logger.log_hyperparams(params, metrics)
 
 
 def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
-    """What runs are compared by, in this order: the run's name, every model and optimiser setting, the data and
-    trainer settings that change results, the seed. No ``_target_``, paths or callback plumbing."""
-    params: dict[str, object] = {"name": cfg.name}
-    settings = {
+    """What runs are compared by: every model and optimiser setting, the data and trainer settings that change
+    results, the seed. No ``_target_``, paths or callback plumbing, and not the run's name, which TensorBoard shows
+    as the run's directory (``<name>/<settings>/<stamp>``)."""
+    params: dict[str, object] = {
         f"{group}.{k}": v
         for group in ("model", "optim")
         for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
         if not k.startswith("_")
     }
-    first = ("model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "optim.lr")  # shown at first
-    params |= {k: settings[k] for k in first} | settings
     data = cfg.data
     params["data.corpus"] = corpus_name(data.path, data.get("train_path"))
     params["data.unit"] = data.get("unit", "char")

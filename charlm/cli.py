@@ -36,8 +36,10 @@ from charlm.checkpoint import required_ckpt, write_atomic
 from charlm.checks import choice, whole
 from charlm.config import CONF_DIR, build, compose, register
 from charlm.console import header, log
+from charlm.failed import failed_run_set_aside
 from charlm.generation import GenerationConfig, sample_text, stream_text, unescape
 from charlm.module import CharLM, load_checkpoint
+from charlm.runs import command_line_with_run_overrides, resume_command
 from charlm.sweeps import summarize, table
 
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
@@ -45,19 +47,21 @@ REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build, fit, test; return the final metrics. Rank 0 logs the header line and the report (``charlm.console``)
-    and writes ``metrics.json`` into the run directory."""
+    and writes ``metrics.json`` into the run directory; a run that fails before its first checkpoint is set aside
+    (``charlm.failed``)."""
     start = time.monotonic()
-    dm, model, trainer = build(cfg)
-    if trainer.is_global_zero:
-        log.info(header(cfg, dm, model, trainer))
-    try:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
-        stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
-        name = stop.signal if stop else "SIGTERM"
-        where = f"; resume with ckpt_path={stop.ckpt_path}" if stop else ""
-        log.warning(f"stopped by {name} after step {trainer.global_step}{where}")
-        raise SystemExit(130 if name == "SIGINT" else 143) from None
+    with failed_run_set_aside(cfg.paths.output_dir):
+        dm, model, trainer = build(cfg)
+        if trainer.is_global_zero:
+            log.info(header(cfg, dm, model, trainer))
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
+            stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            name = stop.signal if stop else "SIGTERM"
+            where = f"; resume: {resume_command(stop.ckpt_path)}" if stop else ""
+            log.warning(f"stopped by {name} after step {trainer.global_step}{where}")
+            raise SystemExit(130 if name == "SIGINT" else 143) from None
     epoch_metrics = [f"{stage}/{name}" for stage in REPORTED for name in ("loss", "ppl", model.vocab.bits)]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -72,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run_test:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
-    log_hparams(cfg, trainer, metrics, [k for k in epoch_metrics if k in metrics])
+    log_hparams(cfg, trainer, metrics)
     if trainer.is_global_zero:
         report(cfg, trainer, model, metrics, "best" if run_test and best else "final", best, last)
         record = {
@@ -114,7 +118,7 @@ def report(
     if best:
         log.info(f"checkpoints: {best} (best val loss), {last or '-'} (last)")
     if trainer.loggers:
-        log.info(f"tensorboard: tensorboard --logdir {trainer.loggers[0].log_dir}   (all runs: --logdir outputs)")
+        log.info(f"tensorboard: tensorboard --logdir {trainer.loggers[0].save_dir}   (all runs: --logdir outputs)")
 
 
 Format = Literal["text", "jsonl"]  # charlm-generate's output: streamed text | one JSON object per sample
@@ -232,6 +236,7 @@ def train_main() -> None:
     one line per failed job and a non-zero exit when its sweeper gives up on failed jobs (Hydra's basic sweeper
     does, Optuna's below ``max_failure_rate`` does not)."""
     register()
+    sys.argv = command_line_with_run_overrides(sys.argv)  # a resume: the run's own overrides, where not given again
     with hydra_errors_reported("train"):
         _train_app()
 

@@ -39,7 +39,16 @@ from charlm.hardware import default_precision, recipe_for
 from charlm.model import RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
-from charlm.runs import check_run_dir, run_id, run_name, run_stamp, safe_name, write_run_record
+from charlm.runs import (
+    check_run_dir,
+    run_dir,
+    run_id,
+    run_name,
+    run_overrides,
+    run_settings,
+    run_stamp,
+    write_run_record,
+)
 from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
 
 PACKAGE = Path(__file__).resolve().parent
@@ -126,7 +135,8 @@ def register() -> None:
         "charlm_precision": lambda accelerator="auto": default_precision(accelerator)[0],
         "charlm_recipe": recipe_for,
         "charlm_run_name": run_name,
-        "charlm_safe_name": safe_name,
+        "charlm_run_settings": run_settings,
+        "charlm_run_dir": run_dir,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)
@@ -142,8 +152,11 @@ def register() -> None:
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
-    """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with."""
+    """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with; a resume from
+    a run's checkpoint with that run's overrides, into its directory (``charlm.runs.run_overrides``)."""
     register()
+    if config_name == "train":
+        overrides = [*run_overrides(list(overrides), in_run_dir=True), *overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     return move_renamed(cfg)

@@ -77,7 +77,7 @@ def test_tokenize_speed_refuses_a_bad_size(tmp_path):
 def write_events(run_dir: Path, bpc: list[float], tag: str = "val/bpc") -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir))
     start = time.time()
     for i, value in enumerate(bpc):
         writer.add_scalar(tag, value, global_step=10 * (i + 1), walltime=start + 30.0 * (i + 1))
@@ -89,7 +89,8 @@ def test_run_events_reads_scalars_against_seconds_since_the_first_event(tmp_path
 
     write_events(tmp_path / "run", [3.0, 2.5, 2.2])
     run = RunEvents(tmp_path / "run")
-    assert run.dir == tmp_path / "run" / "tb" and RunEvents(tmp_path / "run" / "tb").dir == run.dir
+    write_events(tmp_path / "old" / "tb", [3.0])  # where train.py wrote them before runs held them themselves
+    assert run.dir == tmp_path / "run" and RunEvents(tmp_path / "old").dir == tmp_path / "old" / "tb"
     assert run.values("val/bpc") == pytest.approx([3.0, 2.5, 2.2])
     assert run.seconds("val/bpc") == pytest.approx([30.0, 60.0, 90.0], abs=1.0)
     with pytest.raises(UserError, match="val/loss"):
@@ -106,7 +107,7 @@ def test_plot_curves_writes_a_png_with_one_line_per_run(tmp_path):
         "--run",
         f"LSTM={tmp_path / 'lstm'}",
         "--run",
-        str(tmp_path / "gru" / "tb"),
+        str(tmp_path / "gru"),
         "--out",
         str(out),
     )
@@ -150,7 +151,7 @@ def test_quality_trains_for_a_fixed_time_and_reads_back_val_and_test_loss(tmp_pa
     assert run["val_points"] == 2 and run["epochs"] == 2  # tiny_overrides: max_epochs=2 comes before 60 s
     assert 0 < run["val_loss_best"] <= run["val_loss_last"] < 10
     assert run["val_bpc_last"] == pytest.approx(run["val_loss_last"] / 0.6931471805599453, rel=1e-4)
-    assert run["wall_seconds"] > 0 and (tmp_path / "runs/default/tb").is_dir()
+    assert run["wall_seconds"] > 0 and list((tmp_path / "runs/default").glob("events.*"))
     assert 0 < run["test_loss"] < 10 and run["test_bpc"] == pytest.approx(run["test_loss"] / math.log(2), rel=1e-4)
 
 

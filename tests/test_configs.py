@@ -286,7 +286,7 @@ def test_logger_none_builds_a_run_without_a_logger_or_its_lr_monitor(corpus, tmp
     assert plain(cfg.logger) == {}
     _, _, trainer = build(cfg)
     assert trainer.loggers == [] and not [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
-    _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "tb")))
+    _, _, trainer = build(compose_train(tiny_overrides(corpus, tmp_path / "logged")))
     assert [type(lg).__name__ for lg in trainer.loggers] == ["CurvesFirstLogger"]  # a TensorBoardLogger
     assert [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
 
@@ -297,20 +297,24 @@ def test_multirun_sweep_trains_each_point(tmp_path):
     overrides = [
         o
         for o in tiny_overrides(corpus, tmp_path, "trainer.max_epochs=1", "test=false", "sample_length=0")
-        if not o.startswith("paths.output_dir") and not o.startswith("model.hidden_size")
+        if not o.startswith(("paths.output_dir", "model.hidden_size", "optim.lr"))
     ]
-    sweep = ["-m", "model.hidden_size=8", "model.lr=0.02,0.03", f"hydra.sweep.dir={tmp_path}/sweep"]
-    proc = run_cli("train.py", *sweep, *overrides)
+    proc = run_cli("train.py", "-m", "model.hidden_size=8", "model.lr=0.02,0.03", *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("note: model.lr is now optim.lr; model.lr still works") == 1  # the old key sweeps too
-    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
-    # each job's directory says what it is: its number and overrides, without the paths
+    # the sweep's directory, multirun.yaml included, is named as its jobs are: no outputs/multirun/run/
+    (sweep,) = (tmp_path / "outputs/multirun/tiny").iterdir()
+    assert [p.name for p in (tmp_path / "outputs/multirun").iterdir()] == ["tiny"] and (
+        sweep / "multirun.yaml"
+    ).is_file()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    # each job's directory says what it is: its number and overrides, shortened, without the paths
     assert [j.split("_", 1)[0] for j in jobs] == ["0", "1"]
-    assert "model.lr=0.02" in jobs[0] and "model.lr=0.03" in jobs[1] and "data.path" not in jobs[0]
+    assert "lr=0.02" in jobs[0].split(",") and "lr=0.03" in jobs[1].split(",") and "data.path" not in jobs[0]
     for job in jobs:
-        saved = torch.load(tmp_path / "sweep" / job / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
-        assert f"model.lr={saved['lr']}" in job and saved["hidden_size"] == 8
-        assert list((tmp_path / "sweep" / job / "tb").glob("events.*"))
+        saved = torch.load(sweep / job / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+        assert f"lr={saved['lr']}" in job.split(",") and saved["hidden_size"] == 8
+        assert list((sweep / job).glob("events.*"))
 
 
 def help_examples(text: str, script: str) -> list[list[str]]:

@@ -91,7 +91,8 @@ def test_a_stopped_run_names_the_signal_that_stopped_it_and_no_other(corpus, tmp
     quiet = ["logger=none", "callbacks=no_logger", "test=false", "sample_length=0", f"hydra.run.dir={out}"]
     proc = run_cli("train.py", *tiny_overrides(corpus, out, *quiet, *kill))
     assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[how], proc.stderr[-3000:]
-    stop = f"stopped by {how} after step 4; resume with ckpt_path={out}/checkpoints/last.ckpt"
+    resume = f"{sys.executable} {ROOT / 'train.py'} ckpt_path={out}/checkpoints/last.ckpt"  # as run_cli started it
+    stop = f"stopped by {how} after step 4; resume: {resume}"
     assert proc.stderr.strip().splitlines()[-1] == stop, proc.stderr[-3000:]
     other = {"SIGINT": "SIGTERM", "SIGTERM": "SIGINT"}[how]
     assert other not in proc.stdout + proc.stderr and (proc.stdout + proc.stderr).count(how) == 1
@@ -431,7 +432,7 @@ def test_resume_with_another_learning_rate_continues_the_schedule_at_the_new_rat
     ("args", "match"),
     [
         (["seed=abc"], "seed='abc' must be a whole number"),  # otherwise a ValueError traceback
-        (["seed=1.5"], "seed=1.5 must be a whole number"),  # otherwise a crash after training started, leaving tb/
+        (["seed=1.5"], "seed=1.5 must be a whole number"),  # otherwise a crash after training started
         (["trainer=ddp"], "trainer=ddp needs CUDA GPUs but none is visible; use trainer=ddp_cpu"),
         (["trainer.devices=0"], "trainer.devices=0 is not a number of devices; pass trainer.devices=1"),
         (["model.hiden_size=64"], "model.hiden_size is not a setting; did you mean model.hidden_size?"),  # not "+"
@@ -445,8 +446,12 @@ def test_train_cli_refuses_in_one_line_what_was_a_traceback_or_wrong_advice(tmp_
     corpus.write_text(make_text(), encoding="utf-8")
     out = tmp_path / "run"
     base = [*tiny_overrides(corpus, out, "trainer.max_epochs=1", "trainer.precision=32-true"), f"hydra.run.dir={out}"]
-    assert_user_error(run_cli("train.py", *base, *args), match)
-    assert not (out / "checkpoints").exists() and not (out / "tb").exists()
+    line = assert_user_error(run_cli("train.py", *base, *args), match)
+    # no run directory, nothing TensorBoard lists; the record of a run that got as far as writing one is named
+    assert not out.exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
+    record = tmp_path / ".failed" / "run"
+    assert (record / ".hydra/overrides.yaml").is_file() == (f"(the run's record: {record}/)" in line)
+    assert record.exists() or args == ["model.hiden_size=64"]  # a mistyped key stops Hydra before any directory
 
 
 def test_a_sweep_with_a_bad_job_ends_with_one_line_per_failed_job(tmp_path):

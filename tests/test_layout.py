@@ -86,7 +86,7 @@ def test_importing_the_library_registers_no_resolvers_or_configs():
     """Only ``charlm.config.register()`` (which ``compose`` and the apps call) adds the resolvers and config nodes;
     a second call changes nothing."""
     used = {m for path in ROOT.glob("conf/**/*.yaml") for m in re.findall(r"\$\{(charlm_\w+):", path.read_text())}
-    assert len(used) >= 7  # charlm_data, _precision, _recipe, _run_id, _run_stamp, _run_name, _safe_name
+    assert len(used) >= 8  # charlm_data, _precision, _recipe, _run_id, _run_stamp, _run_name, _run_settings, _run_dir
     code = (
         "import charlm.module, charlm.generation, charlm.callbacks, charlm.data, charlm.config, charlm.cli\n"
         "from omegaconf import OmegaConf\n"

@@ -45,7 +45,7 @@ def test_epoch_metrics_are_token_weighted_not_a_mean_of_batches():
 
 
 def lr_curve(out) -> list[float]:
-    acc = EventAccumulator(str(out / "tb"))
+    acc = EventAccumulator(str(out))
     acc.Reload()
     (tag,) = [t for t in acc.Tags()["scalars"] if t.startswith("3_optim/lr-")]
     return [e.value for e in acc.Scalars(tag)]
@@ -291,7 +291,7 @@ def test_per_step_metrics_are_logged_only_on_the_steps_lightning_writes(corpus, 
     logged = set(range(3, batches + 1, 3))
     for name in per_step:
         assert sorted(b for b, n in calls if n == name) == sorted(logged), name
-    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     # TensorBoard's steps count from 0
     for tag in ("2_train/loss_step", "3_optim/grad_norm", "3_optim/chars_per_s", "3_optim/chars_seen"):

@@ -111,7 +111,9 @@ def kill_and_resume(corpus: Path, tmp: Path, case: list[str], step: int, how: st
             run(corpus, killed, *case, *kill)
         assert stop.value.code == {"SIGTERM": 143, "SIGINT": 130}[how]
         assert torch.load(killed / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step + 1
-    run(corpus, resumed, *case, f"ckpt_path={killed}/checkpoints/last.ckpt")
+    # a resume gets the run's overrides back from its record (train.py writes one), the kill probe too
+    unkill = ["~callbacks.kill"] if (killed / ".hydra").is_dir() else []
+    run(corpus, resumed, *case, f"ckpt_path={killed}/checkpoints/last.ckpt", *unkill)
     return resumed
 
 
@@ -342,7 +344,8 @@ def resumed_end(corpus: Path, contract_runs, case: str, piece: Piece | None = No
         checkpoint = torch.load(ckpts / "last.ckpt", weights_only=True)
         drop(checkpoint, piece)
         torch.save(checkpoint, ckpts / "last.ckpt")
-    return straight_end, end_state(stopped, launch(corpus, stopped, case, f"ckpt_path={ckpts}/last.ckpt"))
+    unstop = ["~callbacks.stop"] if (stopped / ".hydra").is_dir() else []  # train.py's record restores the probe
+    return straight_end, end_state(stopped, launch(corpus, stopped, case, f"ckpt_path={ckpts}/last.ckpt", *unstop))
 
 
 def launch(corpus: Path, out: Path, case: str, *extra: str) -> dict[str, float]:

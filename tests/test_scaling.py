@@ -241,9 +241,9 @@ def test_two_torchrun_nodes_train_one_run_and_it_resumes_on_one_machine(corpus, 
     spans.sort()
     assert all(a_end <= b_start for (_, a_end, _), (b_start, _, _) in zip(spans, spans[1:], strict=False))
     assert {r for *_, r in spans} == {0, 1}
-    # one run: one set of checkpoints, one TensorBoard directory, nothing beside either agent
+    # one run: one set of checkpoints, one TensorBoard run (the run directory), nothing beside either agent
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert {p.parent for p in tmp_path.rglob("events.out.tfevents.*")} == {run / "tb"}
+    assert {p.parent for p in tmp_path.rglob("events.out.tfevents.*")} == {run}
     assert {p.parent for p in tmp_path.rglob("*.ckpt")} == {run / "checkpoints"}
     assert [list(p.iterdir()) for p in (tmp_path / "node0", tmp_path / "node1")] == [[], []]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
@@ -251,6 +251,8 @@ def test_two_torchrun_nodes_train_one_run_and_it_resumes_on_one_machine(corpus, 
     # resume on one machine: the same 2 processes (each owns its streams), launched by Lightning, 8 steps more
     resume = [a for a in args if not a.startswith(("trainer.num_nodes", "trainer.devices", "+callbacks.batches"))]
     resume += [
+        "trainer.num_nodes=1",  # the run's own overrides come back with ckpt_path=: set again what changes
+        "~callbacks.batches",
         "trainer.devices=2",
         "trainer.max_steps=16",
         f"ckpt_path={run}/checkpoints/last.ckpt",
@@ -372,8 +374,11 @@ def test_a_requeued_slurm_job_finds_its_run_directory_and_goes_on(corpus, tmp_pa
     )
     ((rc, _, stderr),) = finish(start(args, tmp_path / "cwd", env))
     assert rc == 143, stderr[-3000:]
-    run = tmp_path / "cwd/outputs/tiny" / f"slurm-{JOB}"
-    assert f"stopped by SIGTERM after step 11; resume with ckpt_path={run}/checkpoints/last.ckpt" in stderr
+    (run,) = (tmp_path / "cwd/outputs/tiny").glob(f"*/slurm-{JOB}")  # outputs/tiny/<overrides>/slurm-<job>
+    assert (
+        "stopped by SIGTERM after step 11; resume: " in stderr
+        and f"ckpt_path='{run.relative_to(tmp_path / 'cwd')}" in stderr
+    )
     assert log.read_text() == f"0 requeue {JOB}\n"
 
     ((rc, _, stderr),) = finish(

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import fields
 from datetime import date
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+from tensorboard.plugins.hparams import api_pb2 as hp_api
+from tensorboard.plugins.hparams import backend_context as hp_backend
+from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import charlm.cli
@@ -51,25 +55,36 @@ def test_run_writes_checkpoints_and_metrics(tiny_run):
     assert metrics["val/loss"] < math.log(16) - 0.5  # learned something beyond uniform over the tiny vocab
 
 
-def hparams_entry(tb: Path) -> tuple[list[str], list[str], dict]:
-    """The HPARAMS tab entry of a run: (hyperparameter names in order, metric tags, the run's values)."""
-    exp = ssi = None
-    for f in tb.glob("events.*"):
+def hparams_summaries(run: Path) -> dict[str, bytes]:
+    """The HPARAMS plugin's summaries in a run's event files: {tag: plugin data}."""
+    found = {}
+    for f in run.glob("events.*"):
         for ev in EventFileLoader(str(f)).Load():
             for v in ev.summary.value:
                 if v.metadata.plugin_data.plugin_name == "hparams":
-                    data = HParamsPluginData.FromString(v.metadata.plugin_data.content)
-                    exp = data.experiment if v.tag == "_hparams_/experiment" else exp
-                    ssi = data.session_start_info if v.tag == "_hparams_/session_start_info" else ssi
-    names = [h.name for h in exp.hparam_infos]
-    metrics = [m.name.tag for m in exp.metric_infos]
-    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in ssi.hparams.items()}
-    return names, metrics, values
+                    found[v.tag] = v.metadata.plugin_data.content
+    return found
+
+
+def hparams_entry(run: Path) -> dict:
+    """A run's values in the HPARAMS tab: {hyperparameter: value}."""
+    ssi = HParamsPluginData.FromString(hparams_summaries(run)[hp_metadata.SESSION_START_INFO_TAG]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in ssi.hparams.items()}
+
+
+def hparams_columns(*runs: Path) -> list[str]:
+    """The HPARAMS tab's hyperparameter columns over ``runs``, in its order, by TensorBoard's own code for runs
+    without an experiment summary: those whose values differ between the runs first, each part by name."""
+    content = {str(run): hparams_summaries(run) for run in runs}
+    infos = hp_backend.Context(None)._compute_hparam_infos(content)
+    experiment = hp_api.Experiment(hparam_infos=infos)
+    hp_backend._sort_and_reduce_to_hparams_limit(experiment)
+    return [h.name for h in experiment.hparam_infos]
 
 
 def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
     out, _, _ = tiny_run
-    acc = EventAccumulator(str(out / "tb"))
+    acc = EventAccumulator(str(out))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     # Sections in the order TensorBoard lists them (code-point order): the curves first, no single-point clutter.
@@ -79,34 +94,52 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
     assert len(acc.Scalars("1_val/bpc")) == 2  # one per epoch
     assert any(t.startswith("sample") for t in acc.Tags()["tensors"])
 
-    names, metrics, values = hparams_entry(out / "tb")
-    plain = [n.split(" ", 1)[1] for n in names]
-    assert [n.split(" ", 1)[0] for n in names] == [f"{i:02d}" for i in range(1, len(names) + 1)]
-    assert plain[:6] == ["name", "model.cell", "model.num_layers", "model.hidden_size", "model.dropout", "optim.lr"]
+    values = hparams_entry(out)
     model_keys = {f"model.{f.name}" for f in fields(RNNConfig)} | {f"optim.{f.name}" for f in fields(OptimConfig)}
     data_keys = {f"data.{k}" for k in ("corpus", "unit", "preprocess", "batch_size", "seq_len", "eval_batch_size")}
     data_keys |= {"data.batch_order", "data.splits"}
     trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
     trainer_keys |= {"trainer.precision", "trainer.processes"}
-    assert set(plain) == {"name", "seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks
-    assert sorted(metrics) == sorted(f"{s}/{m}" for s in ("1_val", "4_test") for m in ("bpc", "loss", "ppl"))
-    assert set(metrics) <= scalars  # the HPARAMS metrics are the run's own curves
-    by_name = {n.split(" ", 1)[1]: v for n, v in values.items()}
-    assert (by_name["name"], by_name["model.hidden_size"], by_name["data.corpus"]) == ("tiny", 32, "tiny")
+    assert set(values) == {"seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks, name
+    assert (values["model.hidden_size"], values["data.corpus"]) == (32, "tiny")
 
 
-def test_run_directories_are_named_for_the_experiment(tmp_path, corpus):
-    """A run started without hydra.run.dir lands in outputs/<experiment>/<date>_<time...>/, its TensorBoard run too."""
+def test_hparams_lists_the_settings_that_differ_between_runs_first(tiny_run, tmp_path):
+    """No experiment summary: TensorBoard then builds the table from all runs, the settings whose values differ
+    first (it shows five), and the metrics after them are the runs' scalars by name: the val curves first."""
+    out, _, corpus = tiny_run
+    other = tmp_path / "other"
+    args = [
+        "model.hidden_size=16",
+        "trainer.max_epochs=1",
+        "test=false",
+        "sample_length=0",
+        "callbacks.text_sample=null",
+    ]
+    train(compose_train(tiny_overrides(corpus, other, *args)))
+    assert hp_metadata.EXPERIMENT_TAG not in hparams_summaries(out) | hparams_summaries(other)
+    assert hparams_columns(out, other)[:3] == ["model.hidden_size", "trainer.max_epochs", "data.batch_order"]
+    acc = EventAccumulator(str(other))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"])[:3] == ["1_val/bpc", "1_val/loss", "1_val/ppl"]
+
+
+def test_run_directories_are_named_for_the_experiment_and_its_settings(tmp_path, corpus):
+    """A run started without hydra.run.dir lands in outputs/<experiment>/<its overrides>/<date>_<time...>/, which
+    holds its TensorBoard events itself: TensorBoard names the run by that path."""
     overrides = [o for o in tiny_overrides(corpus, tmp_path) if not o.startswith("paths.output_dir")]
     args = ["experiment=shakespeare_1min", *overrides, "trainer.max_epochs=1", "trainer.max_time=null"]
     proc = run_cli("train.py", *args, "test=false", "sample_length=0", "callbacks.text_sample=null", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "outputs").iterdir()
     assert run.name == "shakespeare_1min"
-    (stamp,) = run.iterdir()
+    (settings,) = run.iterdir()
+    assert "hidden_size=32" in settings.name.split(",") and "lr=0.01" in settings.name.split(",")
+    assert "data.path" not in settings.name and "experiment" not in settings.name and "model." not in settings.name
+    (stamp,) = settings.iterdir()
     assert stamp.name.startswith(date.today().isoformat() + "_") and (stamp / "checkpoints/last.ckpt").is_file()
-    names, _, values = hparams_entry(stamp / "tb")
-    assert values["01 name"] == "shakespeare_1min"
+    assert {p.parent for p in tmp_path.rglob("events.out.tfevents.*")} == {stamp}  # no tb/ level
+    assert hparams_entry(stamp)["model.hidden_size"] == 32
 
 
 def test_checkpoint_loads_without_hydra_and_carries_the_vocab(tiny_run):
@@ -148,10 +181,41 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     # the characters-seen axis goes on from where the first run stopped, as in the straight run
-    went_on = chars_seen(resumed / "tb")
+    went_on = chars_seen(resumed)
     assert went_on[0][0] >= torch.load(first / "checkpoints/last.ckpt", weights_only=True)["global_step"]
     assert went_on == [(step, (step + 1) * 4 * 16) for step, _ in went_on]
-    assert set(went_on) <= set(chars_seen(straight / "tb"))
+    assert set(went_on) <= set(chars_seen(straight))
+
+
+def loss_steps(run: Path) -> list[int]:
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("2_train/loss_step")]
+
+
+def test_a_resume_from_a_runs_checkpoint_goes_on_in_that_run_with_its_settings(corpus, tmp_path):
+    """ckpt_path= alone: the run's overrides come back from its .hydra/overrides.yaml (what the command line sets
+    again wins), and it goes on in its own directory: one TensorBoard run whose steps go on, and no Lightning
+    warning that the checkpoint directory changed."""
+    out = tmp_path / "run"
+    args = [
+        "model.hidden_size=16",
+        "trainer.max_epochs=1",
+        "test=false",
+        "sample_length=0",
+        "callbacks.text_sample=null",
+    ]
+    train(compose_train(tiny_overrides(corpus, out, *args), return_hydra_config=True))
+    first = loss_steps(out)
+    cfg = compose_train([f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=2"])
+    assert (cfg.model.hidden_size, cfg.trainer.max_epochs, cfg.paths.output_dir) == (16, 2, str(out))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert not [w for w in caught if "dirpath" in str(w.message)], [str(w.message) for w in caught]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run", "tiny.txt"]
+    went_on = loss_steps(out)
+    assert went_on[: len(first)] == first and went_on == sorted(set(went_on)) and len(went_on) > len(first)
 
 
 def test_checkpoint_switches_between_fused_and_scratch_without_conversion(tiny_run, tmp_path):
@@ -208,23 +272,23 @@ def custom_charts(acc: EventAccumulator) -> dict[str, list[str]]:
     return {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
 
 
-def chars_seen(tb: Path) -> list[tuple[int, float]]:
+def chars_seen(run: Path) -> list[tuple[int, float]]:
     """(TensorBoard step, characters trained on) as logged: the steps count from 0, so batch k is step k - 1."""
-    acc = EventAccumulator(str(tb))
+    acc = EventAccumulator(str(run))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars("3_optim/chars_seen")]
 
 
 def test_tensorboard_plots_train_next_to_val_and_counts_the_characters_seen(tiny_run):
     out, _, _ = tiny_run
-    acc = EventAccumulator(str(out / "tb"))
+    acc = EventAccumulator(str(out))
     acc.Reload()
     charts = custom_charts(acc)
     scalars = acc.Tags()["scalars"]
     for tags in (["2_train/bpc", "1_val/bpc"], ["2_train/loss_step", "2_train/loss", "1_val/loss"]):
         (chart,) = [title for title, patterns in charts.items() if len(patterns) == len(tags)]
         assert [[t for t in scalars if re.search(p, t)] for p in charts[chart]] == [[t] for t in tags], chart
-    seen = chars_seen(out / "tb")
+    seen = chars_seen(out)
     steps = [step for step, _ in seen]
     assert steps == [e.step for e in acc.Scalars("2_train/loss_step")] and len(steps) > 2  # logged as the others are
     assert seen == [(step, (step + 1) * 4 * 16) for step in steps]  # batch_size x seq_len a step
