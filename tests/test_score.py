@@ -12,12 +12,14 @@ from hydra.utils import instantiate
 
 from charlm import UserError
 from charlm.beam import beam_search
+from charlm.chunks import ChunkedText
 from charlm.cli import sample
 from charlm.config import compose
 from charlm.generation import GenerationConfig, generate, sample_text, start_ids
 from charlm.module import load_checkpoint
 from charlm.score import run, score
 from charlm.stepper import Stepper
+from charlm.vocab import CharVocab
 from tests.conftest import assert_user_error, compose_generate, compose_train, run_module, tiny_overrides
 
 GREEDY = GenerationConfig(temperature=0)
@@ -146,11 +148,23 @@ def test_a_file_is_read_and_scored_a_chunk_at_a_time(tiny, streams):
     _, model, text = tiny
     text = text[:240].replace("e", "é")  # outside the vocab, and two bytes each: chunks cut characters in half
     whole = score(model.net, model.vocab, text, unknown="skip", streams=streams)
-    file = Reads(text.encode("utf-8"))
-    chunked = score(model.net, model.vocab, file, unknown="skip", streams=streams, chunk=11)
-    assert max(file.sizes) == 11 and len(file.sizes) > 2 * len(text.encode("utf-8")) / 11  # counted, then scored
-    assert chunked.nats == pytest.approx(whole.nats, rel=1e-6) and chunked.tokens == whole.tokens
-    assert chunked.unknown == whole.unknown == text.count("é")
+    for chunk in range(5, 12):  # streams start in blocks cut at every place
+        file = Reads(text.encode("utf-8"))
+        chunked = score(model.net, model.vocab, file, unknown="skip", streams=streams, chunk=chunk)
+        assert max(file.sizes) == chunk and len(file.sizes) > 2 * len(text.encode("utf-8")) / chunk  # counted, scored
+        assert chunked.nats == pytest.approx(whole.nats, rel=1e-6) and chunked.tokens == whole.tokens
+        assert chunked.unknown == whole.unknown == text.count("é")
+
+
+def test_a_cursor_reads_on_from_any_token_of_a_chunked_file():
+    vocab = CharVocab("abc é€")  # characters of 1, 2 and 3 bytes; "ü" is outside
+    text = "abc é€ ü€éa " * 5
+    ids = vocab.encode(text, unknown="skip").tolist()
+    for chunk in range(1, 9):  # blocks cut characters at every place
+        reader = ChunkedText(io.BytesIO(text.encode("utf-8")), vocab, "skip", chunk)
+        assert reader.count() == (len(ids), text.count("ü"))
+        for start in range(len(ids)):
+            assert reader.cursor(start).take(len(ids)).tolist() == ids[start:], (chunk, start)
 
 
 def test_streams_are_exact_for_each_part(tiny):
