@@ -22,6 +22,9 @@ The time to the first character (prompt pass, set-up) is reported apart; "ms per
 every character after it, and must stay flat as the length grows for the first three samplers. Runs whose
 estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
 
+``--beams``: beam search (``generate.py beam=K``, ``charlm.beam``) for each K, ``--beam-length`` characters after
+the prompt: characters of the result per second (each step advances all K beams as one batch).
+
 With ``--ckpt``, the checkpoint's bits per character on ``--text`` (its last ``--tail`` fraction, e.g. the
 val split) are computed both ways through the Stepper, one character at a time with the state carried:
 int8's target is within 0.01 of float32.
@@ -39,6 +42,7 @@ import torch
 
 from bench import ROOT
 from bench.report import table, write_json
+from charlm.beam import beam_search
 from charlm.generation import GenerationConfig, Stepper, generate, next_token
 from charlm.info import describe, machine_info
 from charlm.model import RNNConfig, RNNStack
@@ -158,6 +162,25 @@ def affordable(name: str, streams: int, length: int, args: argparse.Namespace) -
     return True
 
 
+def beams(net: RNNStack, widths: list[int], length: int) -> list[dict]:
+    """Beam search's speed per width: characters of the result per second, after one untimed run."""
+    rows = []
+    for k in widths:
+        beam_search(net, VOCAB, "The ", min(length, 20), beam=k)
+        start = time.perf_counter()
+        beam_search(net, VOCAB, "The ", length, beam=k)
+        seconds = time.perf_counter() - start
+        rows.append({"beam": k, "length": length, "seconds": seconds, "chars_per_s": length / seconds})
+    print()
+    print(
+        table(
+            ["beam", "length", "seconds", "chars/s"],
+            [[r["beam"], r["length"], f"{r['seconds']:.2f}", f"{r['chars_per_s']:,.0f}"] for r in rows],
+        )
+    )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cell", default="lstm")
@@ -173,6 +196,8 @@ def main() -> None:
     p.add_argument("--max-chars", type=int, default=20000, help="at most this many characters of it")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile (1 stream)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (generate.py threads=N); 0: torch's")
+    p.add_argument("--beams", nargs="+", type=int, default=[1, 2, 4, 8], help="beam widths K to time")
+    p.add_argument("--beam-length", type=int, default=500, help="characters after the prompt for --beams")
     p.add_argument("--json", default="outputs/bench/sampling.json")
     args = p.parse_args()
     if args.threads:
@@ -225,6 +250,7 @@ def main() -> None:
                 f" {slowest:,.0f}); time per step, slowest / fastest length: {flat:.2f}"
             )
     report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+    report["beam"] = beams(net, args.beams, args.beam_length)
     if args.ckpt:
         report["int8_quality"] = quality(args)
     path = write_json(args.json, report)

@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from charlm import UserError, reported_user_errors, user_error_in
+from charlm.beam import beam_search, check_beam
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.checkpoint import required_ckpt, write_atomic
@@ -145,27 +146,37 @@ def read_prompt(cfg: DictConfig) -> str:
         raise UserError(f"prompt_file={str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
 
 
+def resolve_device(value: object) -> str:
+    """``device=`` of charlm-generate and charlm-score as a torch device name; ``auto``: cuda if there is one."""
+    device = "cuda" if value == "auto" and torch.cuda.is_available() else str(value).replace("auto", "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={value} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={value} but no CUDA GPU is available; pass device=cpu.")
+    return device
+
+
 def sample(cfg: DictConfig) -> list[str]:
     """Print samples from a checkpoint and return them (prompt included).
 
     ``format=text``: one sample streams to stdout as it is produced; several are printed one per block, each
     after a ``--- sample i/N ---`` line. ``format=jsonl``: one JSON object per sample and line,
-    ``{"sample": i, "prompt": ..., "completion": ..., "stopped": true if the stop text ended it}``."""
+    ``{"sample": i, "prompt": ..., "completion": ..., "stopped": true if the stop text ended it}``.
+    ``beam=K``: the ``num_samples`` best beams instead, best first (``charlm.beam``), each with its ``logprob``
+    and ``score`` (in jsonl, and on its ``--- beam i/N ---`` line)."""
     ckpt = required_ckpt(cfg.ckpt)
     choice("format", cfg.format, Format)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device={cfg.device} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no CUDA GPU is available; pass device=cpu.")
+    device = resolve_device(cfg.device)
     threads = cfg.get("threads")
     if threads is not None:
         whole("threads", threads, 1, example="1 (null: torch's default)")
     # checked before the checkpoint is read
     stop = unescape(cfg.stop) if isinstance(cfg.stop, str) else cfg.stop  # 'stop="\\n\\n"': a blank line
     settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop)
+    if whole("beam", cfg.beam, 0, example="4 (0: sample)"):
+        check_beam(cfg.beam, cfg.num_samples, cfg.length_penalty)
     prompt = read_prompt(cfg)
     overrides = {"impl": cfg.impl} if cfg.impl else {}
     model = load_checkpoint(ckpt, map_location=device, **overrides).eval()
@@ -178,6 +189,8 @@ def sample(cfg: DictConfig) -> list[str]:
 
 
 def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: GenerationConfig, device: str) -> list[str]:
+    if cfg.beam:
+        return _print_beams(cfg, model, prompt, settings.stop)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     pieces = stream_text(
         model.net,
@@ -208,6 +221,31 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: Genera
         else:
             print(f"--- sample {i + 1}/{len(texts)} ---\n{text}")
     return texts
+
+
+def _print_beams(cfg: DictConfig, model: CharLM, prompt: str, stop: str | None) -> list[str]:
+    beams = beam_search(
+        model.net,
+        model.vocab,
+        prompt,
+        cfg.length,
+        cfg.beam,
+        num_samples=cfg.num_samples,
+        stop=stop,
+        length_penalty=cfg.length_penalty,
+        unknown=cfg.unknown,
+        quantize=cfg.quantize,
+    )
+    for i, b in enumerate(beams):
+        if cfg.format == "jsonl":
+            record = {"sample": i + 1, "prompt": prompt, "completion": b.completion, "stopped": b.stopped}
+            print(json.dumps(record | {"logprob": b.logprob, "score": b.score}, ensure_ascii=False))
+        elif len(beams) == 1:
+            print(prompt + b.completion)
+        else:
+            print(f"--- beam {i + 1}/{len(beams)}: logprob {b.logprob:.4f}, score {b.score:.4f} ---")
+            print(prompt + b.completion)
+    return [prompt + b.completion for b in beams]
 
 
 _failed_jobs: list[str] = []  # one line for each job of a sweep that failed in this process (Hydra's basic launcher)

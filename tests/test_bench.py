@@ -207,8 +207,13 @@ def test_cells_benchmark_reports_fused_and_scratch(tmp_path):
 def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tmp_path):
     out = tmp_path / "sampling.json"
     args = ["--hidden", "16", "--streams", "1", "3", "--lengths", "5", "40", "--naive-budget", "500"]
-    proc = run_module("bench.sampling", *args, "--fused-step-max-length", "10", "--json", str(out))
+    beams = ["--beams", "1", "3", "--beam-length", "12"]
+    proc = run_module("bench.sampling", *args, *beams, "--fused-step-max-length", "10", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    beam = json.loads(out.read_text())["beam"]
+    assert [r["beam"] for r in beam] == [1, 3] and all(
+        r["chars_per_s"] == pytest.approx(12 / r["seconds"]) for r in beam
+    )
     rows = {(r["sampler"], r["streams"], r["length"]): r for r in json.loads(out.read_text())["results"]}
     assert len(rows) == 4 * 2 * 2
     assert all(r["seconds"] > 0 for (name, _, _), r in rows.items() if name in ("charlm", "charlm int8"))
@@ -218,6 +223,18 @@ def test_sampling_benchmark_covers_every_sampler_and_skips_what_is_too_costly(tm
     assert 0 < r["first_char_ms"] / 1e3 < r["seconds"]
     assert r["ms_per_step"] == pytest.approx(1e3 * (r["seconds"] - r["first_char_ms"] / 1e3) / 39)  # after the first
     assert r["chars_per_s"] == pytest.approx(3 / (r["ms_per_step"] / 1e3))
+
+
+def test_score_speed_benchmark_times_each_stream_count(tmp_path):
+    out = tmp_path / "score.json"
+    args = ["--hidden", "16", "--max-chars", "2000", "--streams", "1", "4", "--repeats", "1", "--json", str(out)]
+    proc = run_module("bench.score_speed", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["streams"] for r in rows] == [1, 4] and all(
+        r["chars_per_s"] == pytest.approx(2000 / r["seconds"]) for r in rows
+    )
+    assert rows[0]["nats_per_char"] != rows[1]["nats_per_char"]  # streams 2 to 4 start from a zero state
 
 
 def test_throughput_benchmark_compares_charlm_with_a_plain_loop(tmp_path):

@@ -20,7 +20,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 import charlm.config
 from charlm.callbacks import TextSample
-from charlm.config import DATA_DIR, build
+from charlm.config import DATA_DIR, build, compose
 from charlm.data import CharDataModule
 from charlm.generation import GenerationConfig
 from charlm.model import CELLS, RNNConfig
@@ -33,6 +33,7 @@ from tests.conftest import (
     dropout_search,
     make_text,
     run_cli,
+    run_module,
     run_python,
     run_train,
     tiny_overrides,
@@ -350,9 +351,19 @@ def test_help_says_what_the_commands_do_lists_the_config_groups_and_gives_exampl
     assert text.startswith("charlm-generate (python generate.py): sample text from a checkpoint")
     assert "temperature: 0.8" in text and text.index("Examples:") < text.index("Hydra's flags:")
     examples = help_examples(text, "generate.py")
-    assert len(examples) == 5
+    assert len(examples) == 6
     for overrides in examples:
         compose_generate(overrides)
+
+    score_help = run_module("charlm.score", "--help")
+    assert score_help.returncode == 0, score_help.stderr[-3000:]
+    text = score_help.stdout
+    assert text.startswith("charlm-score (python -m charlm.score): the log-probability of a text")
+    assert "streams: 1" in text and text.index("Examples:") < text.index("Hydra's flags:")
+    examples = [args[1:] for args in help_examples(text, "-m charlm.score")]  # after the module's name
+    assert len(examples) == 4
+    for overrides in examples:
+        compose(overrides, config_name="score")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ LAYERS = [
     "charlm.checks",
     "charlm.hardware",
     "charlm.vocab",
+    "charlm.chunks",
     "charlm.archives",
     "charlm.corpus",
     "charlm.cache",
@@ -32,6 +33,7 @@ LAYERS = [
     "charlm.resume",
     "charlm.module",
     "charlm.generation",
+    "charlm.beam",
     "charlm.callbacks",
     "charlm.slurm",
     "charlm.runs",
@@ -41,6 +43,7 @@ LAYERS = [
     "charlm.config",
     "charlm.info",
     "charlm.cli",
+    "charlm.score",
     "charlm.export",
 ]
 SCRIPTS = {"train", "generate"}
