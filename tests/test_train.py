@@ -80,7 +80,8 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
     data_keys |= {"data.batch_order", "data.splits"}
     trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
     trainer_keys |= {"trainer.precision", "trainer.processes"}
-    assert set(plain) == {"name", "seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks
+    origin = {"init_from", "freeze"}  # where the weights started
+    assert set(plain) == {"name", "seed"} | origin | model_keys | data_keys | trainer_keys  # no _target_, paths
     assert sorted(metrics) == sorted(f"{s}/{m}" for s in ("1_val", "4_test") for m in ("bpc", "loss", "ppl"))
     assert set(metrics) <= scalars  # the HPARAMS metrics are the run's own curves
     by_name = {n.split(" ", 1)[1]: v for n, v in values.items()}
