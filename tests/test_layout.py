@@ -30,6 +30,7 @@ LAYERS = [
     "charlm.optim",
     "charlm.checkpoint",
     "charlm.resume",
+    "charlm.finetune",
     "charlm.module",
     "charlm.generation",
     "charlm.callbacks",
