@@ -127,6 +127,7 @@ def curated_hparams(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, object]:
         params["recipe"] = cfg.recipe
     params["trainer.processes"] = trainer.world_size
     params["seed"] = cfg.seed
+    params |= {"init_from": cfg.get("init_from"), "freeze": cfg.get("freeze", "none")}  # where the weights started
     return {
         k: "null" if v is None else (str(v) if isinstance(v, list | tuple | dict) else v) for k, v in params.items()
     }

@@ -198,20 +198,21 @@ def gather_objects(obj) -> list:
     return out
 
 
-def required_ckpt(ckpt: object) -> Path:
-    """``ckpt=`` of charlm-generate and charlm-export as a path; refuse a missing one before any work.
+def required_ckpt(ckpt: object, key: str = "ckpt") -> Path:
+    """``ckpt=`` of charlm-generate and charlm-export (or charlm-train's ``init_from=``: ``key``) as a path; refuse a
+    missing one before any work.
 
     A directory stands for the best checkpoint in it: a run directory's ``checkpoints/best.ckpt``, or, for a
     folder of runs (``ckpt=outputs/timemachine``), that of the run written last, so a user need not copy a
     time-stamped path."""
     if not ckpt:
-        raise UserError("no checkpoint given; pass ckpt=PATH/TO/best.ckpt.")
+        raise UserError(f"no checkpoint given; pass {key}=PATH/TO/best.ckpt.")
     path = Path(str(ckpt)).expanduser()
     if not path.is_dir():
         return path
     found = sorted(path.glob("**/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UserError(f"no run under {str(path)!r} has a checkpoints/best.ckpt; pass ckpt=PATH/TO/best.ckpt.")
+        raise UserError(f"no run under {str(path)!r} has a checkpoints/best.ckpt; pass {key}=PATH/TO/best.ckpt.")
     return found[-1]
 
 

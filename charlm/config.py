@@ -30,13 +30,14 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
-from charlm.checkpoint import AtomicCheckpointIO
+from charlm.checkpoint import AtomicCheckpointIO, required_ckpt
 from charlm.checks import number, whole
 from charlm.console import ignore_known_warnings
 from charlm.data import CharDataModule
+from charlm.finetune import architecture_from, copy_weights, parse_freeze
 from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
-from charlm.model import RNNConfig
+from charlm.model import ARCHITECTURE, RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
 from charlm.runs import (
@@ -109,7 +110,9 @@ def optim_defaults() -> dict:
 def data_defaults() -> dict:
     """Every ``data.*`` setting with its Python default: CharDataModule's signature (path is required)."""
     params = inspect.signature(CharDataModule.__init__).parameters.values()
-    return {p.name: MISSING if p.default is p.empty else p.default for p in params if p.name != "self"}
+    # base_vocab is known at run time only (build passes it), as the model's vocab is: no setting.
+    skipped = ("self", "base_vocab")
+    return {p.name: MISSING if p.default is p.empty else p.default for p in params if p.name not in skipped}
 
 
 def config_groups() -> str:
@@ -162,22 +165,55 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hy
     return move_renamed(cfg)
 
 
-# Checkpoint settings that fix the shapes of the weights: a resume must not change them.
-ARCHITECTURE = ("cell", "num_layers", "hidden_size", "proj_size", "embedding_size", "tie_weights", "layer_norm")
-
-
-def check_resume(path: str, dm: CharDataModule, model_cfg: DictConfig) -> None:
-    """Refuse, before training, a checkpoint that is missing, corrupt, newer than this charlm, diverged, or was
-    trained on another vocab or another architecture."""
-    saved = load_checkpoint(path)
+def check_resume(path: str, saved: CharLM, dm: CharDataModule, cfg: DictConfig) -> None:
+    """Refuse, before training, the checkpoint ``saved`` (``load_checkpoint`` has refused one that is missing,
+    corrupt, newer than this charlm or diverged) if it was trained on another vocab, another architecture or
+    with other parts frozen."""
     if saved.vocab != dm.vocab:
         raise UserError(f"checkpoint {path!r} was trained on a different vocab; resume with the same data config.")
     for name in ARCHITECTURE:
-        if name in model_cfg and saved.hparams.get(name) != model_cfg[name]:
+        if name in cfg.model and saved.hparams.get(name) != cfg.model[name]:
             raise UserError(
                 f"checkpoint {path!r} has model.{name}={saved.hparams.get(name)} but this run asks for"
-                f" {model_cfg[name]}; resume with model.{name}={saved.hparams.get(name)} or drop ckpt_path."
+                f" {cfg.model[name]}; resume with model.{name}={saved.hparams.get(name)} or drop ckpt_path."
             )
+    frozen, asked = saved.hparams.get("freeze", "none"), str(parse_freeze(cfg.freeze))
+    if frozen != asked:  # the optimiser state holds the trainable parameters only
+        raise UserError(f"checkpoint {path!r} was trained with freeze={frozen}; resume with freeze={frozen}.")
+
+
+def command_line(cfg: DictConfig) -> list[str]:
+    """The overrides given on the command line, as Hydra records them: in an app, or in a config composed with
+    ``return_hydra_config``; none for a config made otherwise."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
+
+
+def load_start(cfg: DictConfig) -> tuple[CharLM | None, CharLM | None]:
+    """The checkpoints a run starts from: ``init_from``'s and ``ckpt_path``'s, each checked as ``load_checkpoint``
+    checks it; at most one of them. ``init_from``'s architecture is set in ``cfg.model``, and so is that of a run
+    it started, resumed."""
+    if cfg.init_from and cfg.ckpt_path:
+        raise UserError(
+            "init_from and ckpt_path are both given; pass init_from alone to start a new run from a checkpoint's"
+            " weights, or ckpt_path alone to resume its run exactly."
+        )
+    if cfg.ckpt_path:
+        saved = load_checkpoint(cfg.ckpt_path)
+        if saved.hparams.get("init_from"):  # its architecture is the one init_from gave it, not the config's
+            architecture_from(cfg.model, saved.hparams, command_line(cfg), cfg.ckpt_path, refuse=False)
+        return None, saved
+    if not cfg.init_from:
+        if str(parse_freeze(cfg.freeze)) != "none":
+            raise UserError(
+                f"freeze={cfg.freeze} keeps weights that init_from brings; pass init_from=PATH, or drop freeze."
+            )
+        return None, None
+    cfg.init_from = str(required_ckpt(cfg.init_from, key="init_from"))  # a run directory: its best.ckpt
+    start = load_checkpoint(cfg.init_from)
+    architecture_from(cfg.model, start.hparams, command_line(cfg), cfg.init_from)
+    return start, None
 
 
 MAX_TIME = re.compile(r"\d+:\d\d:\d\d:\d\d")
@@ -253,18 +289,28 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"SLURM job {slurm_job()} was requeued: resuming from {requeued}", file=sys.stderr)
-        cfg.ckpt_path = requeued
+        cfg.ckpt_path, cfg.init_from = requeued, None  # the run's own checkpoint records its init_from
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
     if rank_zero:
         write_run_record(cfg)  # also for a run that a bad setting stops below: the record says what was run
     check_trainer(cfg)
     check_recipe(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = instantiate(cfg.data)
+    start, saved = load_start(cfg)
+    # A run that init_from started reads its corpus in the vocab it extended, and so does its resume.
+    base = start or (saved if saved is not None and saved.hparams.get("init_from") else None)
+    dm = instantiate(cfg.data, base_vocab=None if base is None else base.vocab.to_dict())
     dm.check_sizes()  # fail before anything is built; setup() checks again with the real number of ranks
-    if cfg.ckpt_path:
-        check_resume(cfg.ckpt_path, dm, cfg.model)
-    model = instantiate(cfg.model, vocab=dm.vocab.to_dict(), **OmegaConf.to_container(cfg.optim, resolve=True))
+    if saved is not None:
+        check_resume(cfg.ckpt_path, saved, dm, cfg)
+    origin = {"init_from": (saved.hparams.get("init_from") if saved else cfg.init_from), "freeze": cfg.freeze}
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    model = instantiate(cfg.model, vocab=dm.vocab.to_dict(), **origin, **optim)
+    if start is not None:
+        new_chars = "".join(dm.vocab.chars[len(start.vocab) :]) if dm.vocab.unit == "char" else ""
+        copy_weights(model.net, start.net, new_chars)
+        if rank_zero and new_chars:
+            print(f"init_from: {len(new_chars)} characters new to the vocab: {new_chars!r}", file=sys.stderr)
     if rank_zero:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         check_run_dir(cfg.paths.output_dir, cfg.ckpt_path, cfg.overwrite_run_dir, sweep=multirun)

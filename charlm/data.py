@@ -15,7 +15,7 @@ from charlm.batches import BatchSchedule, RandomWindows, StreamBatches
 from charlm.cache import load_split, load_tokens
 from charlm.checks import choice, whole
 from charlm.corpus import Preset, Tokenizing, split_paths
-from charlm.vocab import Vocab
+from charlm.vocab import Vocab, vocab_from_dict
 
 BatchOrder = Literal["tbptt", "random"]  # TBPTT streams in corpus order | independent random windows
 STAGES = ("train", "val", "test")
@@ -52,6 +52,9 @@ class CharDataModule(pl.LightningDataModule):
     the three ``split_files``; or ``train_path``, ``val_path`` and ``test_path``. Any of these files may be
     compressed or an archive (``charlm.archives``); ``members`` picks an archive's members. ``preset`` names a
     standard corpus (``Preset``'s fields), so a missing file gets an error saying where it goes and how to get it.
+
+    ``base_vocab`` (a saved vocab, known at run time: ``init_from``) makes the vocab that vocab extended by the
+    corpus's new characters (``CharVocab.extend``), so its ids keep their meaning for the weights trained on it.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class CharDataModule(pl.LightningDataModule):
         val_chars: int | None = None,
         schedule: Sequence[Sequence[int]] | None = None,
         members: str | Sequence[str] | None = None,
+        base_vocab: dict | None = None,
     ):
         super().__init__()
         self.tokenizing = Tokenizing(unit=unit, preprocess=preprocess, unk=unk, members=members)
@@ -102,6 +106,7 @@ class CharDataModule(pl.LightningDataModule):
         self.val_chars, self.full_val = val_chars, False
         self._parts: dict[str, np.ndarray] = {}
         self._vocab: Vocab | None = None
+        self.base_vocab = None if base_vocab is None else vocab_from_dict(base_vocab)
         self._train: StreamBatches | RandomWindows | None = None
         self._resume_position = 0
 
@@ -114,7 +119,30 @@ class CharDataModule(pl.LightningDataModule):
             else:
                 tokens, self._vocab = load_tokens(self.path, self.cache_dir, **options)
                 self._parts = split_tokens(tokens, self.splits)
+            if self.base_vocab is not None:
+                self._parts, self._vocab = self._in_base_vocab(self._parts, self._vocab)
         return self._parts, self._vocab
+
+    def _in_base_vocab(self, parts: dict[str, np.ndarray], vocab: Vocab) -> tuple[dict[str, np.ndarray], Vocab]:
+        """The splits renumbered into ``base_vocab`` extended by ``vocab``, the corpus's own.
+
+        Renumbered here, in memory, rather than cached: the token cache holds the corpus in its own vocab, keyed
+        by the corpus and the tokenizing options alone, so one cache serves every run on the corpus whatever it
+        starts from. The cost is a copy of the tokens (none when the ids are unchanged: a byte vocab, or a corpus
+        whose vocab the base begins with)."""
+        base = self.base_vocab
+        if base.unit != vocab.unit:
+            raise UserError(
+                f"the init_from checkpoint was trained on data.unit={base.unit} but this run reads"
+                f" data.unit={vocab.unit}; set data.unit={base.unit}."
+            )
+        if base.unit == "byte":  # every byte is in the vocab already
+            return parts, vocab
+        extended = base.extend(vocab)
+        ids = extended.encode("".join(vocab.chars))  # corpus id -> extended id, in the extended vocab's dtype
+        if np.array_equal(ids, np.arange(len(vocab))):
+            return parts, extended
+        return {stage: ids.take(part) for stage, part in parts.items()}, extended
 
     @property
     def vocab(self) -> Vocab:

@@ -162,6 +162,10 @@ class RNNConfig:
         return self.proj_size or self.hidden_size
 
 
+# The RNNConfig fields that fix the shapes of the weights: a resume must keep them, and init_from takes them.
+ARCHITECTURE = ("cell", "num_layers", "hidden_size", "proj_size", "embedding_size", "tie_weights", "layer_norm")
+
+
 def make_layer(cfg: RNNConfig, input_size: int) -> nn.Module:
     """One recurrent layer of ``cfg``: torch's fused kernel, a ``ScratchLayer`` (the step loop of a cell with
     W_hh) or a ``MinLayer`` (a cell whose gates read x_t alone: its parallel form or its step loop)."""

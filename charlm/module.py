@@ -27,6 +27,7 @@ from charlm.checkpoint import (
     rng_states,
     set_rng_states,
 )
+from charlm.finetune import freeze_parts, parse_freeze
 from charlm.model import RNNConfig, RNNStack, State
 from charlm.optim import OptimConfig, fused_kernel_allowed
 from charlm.vocab import vocab_from_dict
@@ -67,19 +68,26 @@ class CharLM(pl.LightningModule):
     every setting, the layout every charlm checkpoint has), so a checkpoint alone rebuilds the model, with
     ``weights_only=True``.
 
+    ``init_from`` records the checkpoint a run started from (``charlm.finetune``), and ``freeze`` what of its
+    weights training keeps as they are (``parse_freeze``); both are saved with the hyperparameters, so a resume
+    freezes the same parts.
+
     Batches are ``(x, y, reset)``: when ``reset`` is False the previous batch of the same stage ended exactly
     where this one starts (TBPTT streams), so its final state, detached, is this batch's initial state.
     """
 
-    def __init__(self, vocab: dict, **settings):
+    def __init__(self, vocab: dict, init_from: str | None = None, freeze: str = "none", **settings):
         super().__init__()
         self.rnn_cfg, self.optim_cfg = split_hparams(settings)
+        self.freeze = parse_freeze(freeze)
         hparams = {"vocab": vocab, **asdict(self.rnn_cfg), **asdict(self.optim_cfg)}
+        hparams |= {"init_from": init_from, "freeze": str(self.freeze)}
         hparams["betas"] = list(self.optim_cfg.betas)  # the layout of checkpoints before OptimConfig
         # logger=False: train.py logs the whole run config, with final metrics, as the TensorBoard hparams entry.
         self.save_hyperparameters(hparams, logger=False)
         self.vocab = vocab_from_dict(vocab)
         self.net = RNNStack(len(self.vocab), self.rnn_cfg)
+        freeze_parts(self.net, self.freeze)
         # Token-weighted mean NLL per stage and epoch ("train" itself would clash with nn.Module.train).
         # A NaN loss must make the epoch mean NaN; torchmetrics' default drops it silently. nan_strategy=nan
         # "imputes" NaN with NaN; "disable" would also do, but torchmetrics 1.9 then ignores the weights.
@@ -144,7 +152,8 @@ class CharLM(pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self):
-        opt = self.optim_cfg.make_optimizer(self.parameters(), fused=self._fused_allowed())
+        trainable = (p for p in self.parameters() if p.requires_grad)  # frozen ones never change, not even by decay
+        opt = self.optim_cfg.make_optimizer(trainable, fused=self._fused_allowed())
         trainer = self.trainer
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
         clock = None if timer is None else lambda: (timer.time_elapsed("train"), timer.time_remaining("train"))

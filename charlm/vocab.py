@@ -115,12 +115,17 @@ class CharVocab:
 
     ``unk`` is an optional character reserved for unknown input; it is part of the vocab (so it has
     an id and an output logit) even when the corpus never contains it, as d2l's ``<unk>`` is.
+    ``keep_order=True`` keeps the order ``chars`` come in as the ids instead: a vocab that ``extend`` grew, whose
+    first ids are another vocab's, and such a vocab read back (``from_dict``).
     """
 
     unit, bits = "char", "bpc"  # data.unit, and the name of the metric in bits per token: bits per character
 
-    def __init__(self, chars: list[str] | str, unk: str | None = None):
-        chars = sorted(set(chars) | ({unk} if unk else set()))
+    def __init__(self, chars: list[str] | str, unk: str | None = None, keep_order: bool = False):
+        if keep_order:
+            chars = list(dict.fromkeys([*chars, *([unk] if unk else [])]))
+        else:
+            chars = sorted(set(chars) | ({unk} if unk else set()))
         if any(len(c) != 1 for c in chars):
             raise UserError("every vocab entry must be a single character; rebuild the vocab from text.")
         if not chars:
@@ -138,6 +143,12 @@ class CharVocab:
         for start in range(0, len(text), _CHUNK):
             seen.encode(code_points(text[start : start + _CHUNK]))
         return cls(seen.chars, unk=unk)
+
+    def extend(self, other: CharVocab) -> CharVocab:
+        """This vocab with the characters of ``other`` that it lacks appended, in code-point order: every id of
+        this vocab keeps its value, and characters ``other`` lacks stay. The unk character is ``other``'s."""
+        new = sorted(set(other.chars) - set(self.chars))
+        return CharVocab([*self.chars, *new], unk=other.unk, keep_order=True)
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -187,11 +198,14 @@ class CharVocab:
         return StreamDecoder(lambda ids: list(self.decode(ids)), lambda: [""] * streams)
 
     def to_dict(self) -> dict:
-        return {"chars": "".join(self.chars), "unk": self.unk}
+        saved = {"chars": "".join(self.chars), "unk": self.unk}
+        # A vocab that ``extend`` grew is read back in its own order; a code-point-ordered one keeps the layout
+        # every earlier checkpoint and cache has.
+        return saved if self.chars == sorted(self.chars) else saved | {"order": "ids"}
 
     @classmethod
     def from_dict(cls, d: dict) -> CharVocab:
-        return cls(list(d["chars"]), unk=d.get("unk"))
+        return cls(list(d["chars"]), unk=d.get("unk"), keep_order=d.get("order") == "ids")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")

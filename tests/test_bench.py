@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.finetune import first_reach
 from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
@@ -341,3 +342,20 @@ def test_step_overhead_benchmark_times_the_optimisers_and_the_logging(tmp_path):
     # 10 steps: the four per-step scalars on each step when every step is logged, else on the tenth (+ epoch end)
     assert every["log_calls_per_step"] >= 4 and tenth["log_calls_per_step"] < 1.5
     assert every["ms_per_step"] > 0 and tenth["chars_per_s"] > 0
+
+
+def test_finetune_reports_the_first_time_a_curve_reaches_the_target():
+    seconds, values = [1.0, 2.0, 3.0, 4.0], [2.5, 2.1, 1.9, 1.8]
+    assert first_reach(seconds, values, 2.0) == 3.0 and first_reach(seconds, values, 1.9) == 3.0
+    assert first_reach(seconds, values, 1.0) is None
+
+
+@pytest.mark.slow  # three 10 s training runs
+def test_finetune_quick_runs_end_to_end_with_a_plot_and_both_curves(tmp_path):
+    proc = run_module("bench.finetune", "--quick", "--out-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "finetune.json").read_text())
+    assert set(report["runs"]) == {"scratch", "fine-tuned"} and report["source_seconds"] > 0
+    assert all(r["val_points"] >= 2 for r in report["runs"].values())
+    assert (tmp_path / "runs" / "finetune_vs_scratch.png").stat().st_size > 0
+    assert "fine-tuned reaches scratch's final val loss" in proc.stdout

@@ -65,7 +65,8 @@ def assert_model_is_the_config(model: CharLM, cfg, vocab: dict) -> None:
         assert built == {f.name: settings[f.name] for f in fields(cls)} | (
             {"betas": tuple(settings["betas"])} if cls is OptimConfig else {}
         )
-    assert dict(model.hparams) == {"vocab": vocab, **settings}  # what a checkpoint rebuilds the model from
+    origin = {"init_from": None, "freeze": "none"}  # a run not started from another run's weights
+    assert dict(model.hparams) == {"vocab": vocab, **settings, **origin}  # what a checkpoint rebuilds the model from
     net, m = model.net, cfg.model
     layer_cls = CELLS[m.cell].fused[0] if m.impl == "fused" and CELLS[m.cell].fused else None
     assert (net.cell, net.num_layers, net.hidden_size, len(net.layers)) == (

@@ -31,6 +31,7 @@ LAYERS = [
     "charlm.optim",
     "charlm.checkpoint",
     "charlm.resume",
+    "charlm.finetune",
     "charlm.module",
     "charlm.generation",
     "charlm.beam",

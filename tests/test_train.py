@@ -100,7 +100,9 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
     data_keys |= {"data.batch_order", "data.splits"}
     trainer_keys = {f"trainer.{k}" for k in ("max_epochs", "max_steps", "max_time", "gradient_clip_val")}
     trainer_keys |= {"trainer.precision", "trainer.processes"}
-    assert set(values) == {"seed"} | model_keys | data_keys | trainer_keys  # no _target_, paths, callbacks, name
+    assert (
+        set(values) == {"seed", "init_from", "freeze"} | model_keys | data_keys | trainer_keys
+    )  # no _target_, paths, callbacks, name
     assert (values["model.hidden_size"], values["data.corpus"]) == (32, "tiny")
 
 
