@@ -4,6 +4,7 @@ which its error names."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -16,7 +17,8 @@ from charlm.runs import RUNS, shown
 
 FAILED = ".failed"  # RUNS/.failed/<the run's path under RUNS>
 
-# What a run writes into its directory before its first checkpoint (train.log: Hydra's job log, named for the job)
+# What a run writes into its directory before its first checkpoint (and <job name>.log: Hydra's job log, train.log,
+# or train_process_1.log of another DDP rank)
 WRITTEN = (".hydra", "checkpoints", "hparams.yaml", "metrics.json", "train.log")
 
 
@@ -31,7 +33,7 @@ def set_aside_failed_run(output_dir: str | Path) -> Path | None:
     if not run.is_dir() or any(run.glob("checkpoints/*.ckpt")):
         return None
     entries = list(run.iterdir())
-    if not all(e.name in WRITTEN or "tfevents" in e.name for e in entries):
+    if not all(e.name in WRITTEN or e.suffix == ".log" or "tfevents" in e.name for e in entries):
         return None
     for entry in entries:
         if "tfevents" in entry.name:
@@ -50,11 +52,31 @@ def set_aside_failed_run(output_dir: str | Path) -> Path | None:
         os.replace(run, kept)
     else:
         run.rmdir()
+    _log_files_follow(run, kept)
     for parent in run.parents if run.is_relative_to(runs) else ():
         if parent == runs or any(parent.iterdir()):
             break
         parent.rmdir()
     return kept
+
+
+def _log_files_follow(run: Path, kept: Path | None) -> None:
+    """Point the logging file handlers that write under ``run`` (Hydra's ``train.log``) at ``kept``, where it
+    moved, so the error line still logged after this lands in the record; or drop them where nothing was kept.
+    A handler that opened its file already writes on through the moved file; one that opens it on its first line
+    (``delay``) would otherwise fail to find the directory."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", ())):
+            if not isinstance(handler, logging.FileHandler):
+                continue
+            path = Path(handler.baseFilename)
+            if not path.is_relative_to(run):
+                continue
+            if kept is not None:
+                handler.baseFilename = str(kept / path.relative_to(run))
+            elif handler.stream is None:
+                logger.removeHandler(handler)
 
 
 @contextmanager

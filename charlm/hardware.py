@@ -4,6 +4,7 @@ machine; ``charlm.info`` prints it all."""
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -20,6 +21,21 @@ RECIPES = ("bf16", "fp32")  # the per-precision recipes of a budget preset (conf
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's oneDNN kernels see it."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in _CPU_BF16_PROBES)
+
+
+@functools.cache
+def cpu_lstm_kernel_runs(dtype: torch.dtype) -> bool:
+    """Whether torch's fused CPU LSTM runs under autocast to ``dtype``: oneDNN builds no bf16 or fp16 LSTM kernel
+    on some CPUs (torch 2.13 on AVX2 without AVX-512: "could not create a primitive descriptor"), while GRU and
+    RNN kernels run on every one. Asked by running a tiny LSTM once, forward and backward, since no flag says."""
+    lstm = torch.nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            out, _ = lstm(torch.zeros(1, 2, 2))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
 
 
 def default_precision(accelerator: str = "auto") -> tuple[str, str]:

@@ -34,6 +34,7 @@ from torch import nn
 from charlm import UserError
 from charlm.cells import CELLS, ScratchLayer
 from charlm.checks import choice, flag, number, options, whole
+from charlm.hardware import cpu_lstm_kernel_runs
 from charlm.mincells import MinLayer
 
 # The recurrent state of the whole stack is one tensor [S, L, B, H]: S = the cell's slots (2 for the LSTM: h and
@@ -240,8 +241,8 @@ class RNNStack(nn.Module):
         # torch's kernels take h [1, B, P] alone, or the tuple (h, C) where the cell carries a memory too
         p = self.cfg.output_size
         layer_state = (state[0:1, :, :p], *state[1:].split(1)) if self.spec.slots > 1 else state[0:1]
-        fp32 = isinstance(layer, nn.LSTM) and _cpu_fp16_autocast(h)
-        if fp32:  # oneDNN has no fp16 LSTM kernel (torch 2.13: "could not create a primitive descriptor")
+        fp32 = isinstance(layer, nn.LSTM) and _cpu_lstm_needs_fp32(h)
+        if fp32:
             h, layer_state = h.float(), tuple(s.float() for s in layer_state)
         with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
             if weight_hh is None:  # the recurrence h(t-1)->h(t) runs inside the fused kernel
@@ -254,10 +255,10 @@ class RNNStack(nn.Module):
         return h, torch.cat((F.pad(h_n, (0, self.hidden_size - p)), *rest))  # [S, B, H]
 
 
-def _cpu_fp16_autocast(h: torch.Tensor) -> bool:
-    """Whether ``h`` is computed under CPU fp16 autocast (a ``16-mixed`` precision plugin built for the CPU, as
-    the tests build one to run a GPU's fp16 path). The fused LSTM layer then runs in fp32; GRU and RNN layers
-    have fp16 kernels, and bf16, GPUs and fp32 are untouched."""
-    return (
-        h.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
-    )
+def _cpu_lstm_needs_fp32(h: torch.Tensor) -> bool:
+    """Whether ``h`` is computed under CPU autocast to a dtype torch's fused LSTM kernel has no build for on this
+    CPU (fp16, as the tests run a GPU's ``16-mixed`` path on the CPU; bf16 on CPUs without AVX-512). The fused
+    LSTM layer then runs in fp32; GRU and RNN layers have kernels for both, and GPUs are untouched."""
+    if h.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    return not cpu_lstm_kernel_runs(torch.get_autocast_dtype("cpu"))

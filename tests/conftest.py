@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,19 @@ def run_python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
     """Run Python source in a fresh interpreter (``python -c CODE ARGS``), e.g. to change something before charlm
     is imported."""
     return _run([sys.executable, "-c", code, *args], cwd)
+
+
+_RECORD = re.compile(r" \(the run's record: (.+)/\)$")
+
+
+def split_record(line: str) -> tuple[str, Path]:
+    """An error line of a run that failed before its first checkpoint, and the record it names at its end
+    (``charlm.failed``: where the run's .hydra/ and train.log went), which must exist."""
+    found = _RECORD.search(line)
+    assert found, f"the error names no record of the run: {line}"
+    record = Path(found[1])
+    assert (record / ".hydra").is_dir(), record
+    return line[: found.start()], record
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, match: str, code: int = 2, started: bool = False) -> str:

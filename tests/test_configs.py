@@ -36,6 +36,7 @@ from tests.conftest import (
     run_module,
     run_python,
     run_train,
+    split_record,
     tiny_overrides,
 )
 
@@ -395,8 +396,10 @@ def test_a_sweep_goes_on_past_a_job_with_a_bad_config_and_ends_with_its_jobs_bes
     assert proc.returncode != 0  # Hydra reports the failed jobs when the sweep ends
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     line = "model.dropout=1.5 must be in [0, 1); e.g. model.dropout=0.2."
-    # when each fails, and at the end
-    assert errors == [f"error: {line}"] * 2 + [f"error: sweep job {i} failed: {line}" for i in (0, 1)]
+    # when each fails, and at the end; each names where its job's record went
+    shown = [split_record(e) for e in errors]
+    assert [e for e, _ in shown] == [f"error: {line}"] * 2 + [f"error: sweep job {i} failed: {line}" for i in (0, 1)]
+    assert all(record.parent == sweep / ".failed" for _, record in shown)
     for bad in (*sweep.glob("0_*"), *sweep.glob("1_*")):
         assert not (bad / "checkpoints").exists()
 
@@ -418,7 +421,7 @@ def test_a_sweep_goes_on_past_a_job_with_a_bad_config_and_ends_with_its_jobs_bes
         dropout = "1.5" if j["job"] < 2 else "0.1"
         assert j["overrides"] == [f"model.dropout={dropout}", f"model.hidden_size={size[j['job']]}"]
         assert j["value"] == (pytest.approx(losses[j["job"]]) if j["job"] in losses else None)
-        assert j["error"] == (line if j["job"] < 2 else None)
+        assert (split_record(j["error"])[0] if j["job"] < 2 else j["error"]) == (line if j["job"] < 2 else None)
     printed = proc.stdout[proc.stdout.index("sweep of 4 job(s), lowest val/loss first:") :].splitlines()
     rows = [[str(i), f"{losses[i]:.4f}"] for i in order] + [["0", "failed"], ["1", "failed"]]
     assert [row.split()[:2] for row in printed[2:6]] == rows

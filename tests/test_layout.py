@@ -38,6 +38,7 @@ LAYERS = [
     "charlm.callbacks",
     "charlm.slurm",
     "charlm.runs",
+    "charlm.failed",
     "charlm.board",
     "charlm.sweeps",
     "charlm.console",

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import charlm.hardware
+import charlm.model
 from charlm import UserError
 from charlm.cells import CELLS
 from charlm.model import RNNConfig, RNNStack
@@ -289,3 +291,26 @@ def test_lstmp_ties_weights_with_a_p_wide_embedding_and_exports(tmp_path):
     onnx_path, _ = export_onnx(model, tmp_path / "m.onnx")
     ids, state = torch.tensor([0, 3, 8]), torch.randn(model.net.init_state(3).shape)  # [2, L, 3, H]
     assert_onnx_step_equals_stepper(onnx_path, model, ids, state)
+
+
+@pytest.mark.parametrize("kernel_runs", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_fused_lstm_runs_in_fp32_where_the_cpu_has_no_half_precision_kernel(monkeypatch, dtype, kernel_runs):
+    """On a CPU whose oneDNN builds no half-precision LSTM kernel (bf16 on AVX2; fp16 everywhere) the fused LSTM
+    layers run in fp32 under autocast, and training goes on; where the kernel runs, they keep the autocast dtype.
+    The probe is forced each way: a machine of the other kind still runs this path."""
+    if kernel_runs and not charlm.hardware.cpu_lstm_kernel_runs(dtype):
+        pytest.skip(f"this CPU builds no {dtype} LSTM kernel")
+    monkeypatch.setattr(charlm.model, "cpu_lstm_kernel_runs", lambda d: kernel_runs and d == dtype)
+    torch.manual_seed(0)
+    net = rnn(V, cell="lstm", num_layers=2, hidden_size=16)
+    seen = []
+    for layer in net.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    x = torch.randint(0, V, (2, 7))
+    with torch.autocast("cpu", dtype=dtype):
+        logits, _ = net(x, rand_state(net, 2))
+    F.cross_entropy(logits.float().reshape(-1, V), x.reshape(-1)).backward()
+    assert [autocast for _, autocast in seen] == [kernel_runs] * 2
+    assert kernel_runs or [dt for dt, _ in seen] == [torch.float32] * 2
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters())
