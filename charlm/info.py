@@ -54,6 +54,7 @@ def machine_info() -> dict:
         "cpu_flags": hardware.cpu_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": hardware.cpu_native_bf16(),
+        "cpu_bf16_lstm_kernel": hardware.cpu_lstm_kernel_runs(torch.bfloat16),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -81,7 +82,8 @@ def describe(info: dict) -> str:
         f"platform:   {info['platform']}",
         f"cpu:        {info['cpu']}; {info['logical_cpus']} logical CPUs; flags: {flags};"
         f" torch kernels: {info['cpu_capability']}",
-        f"native bf16 on the CPU: {'yes' if info['cpu_native_bf16'] else 'no'}",
+        f"native bf16 on the CPU: {'yes' if info['cpu_native_bf16'] else 'no'}; fused LSTM under bf16-mixed:"
+        f" {'its oneDNN kernel' if info['cpu_bf16_lstm_kernel'] else 'in fp32 (oneDNN has no bf16 LSTM kernel here)'}",
         f"gpu:        {info['gpu'] or 'none'}",
         f"precision:  {info['default_precision']} by default ({info['default_precision_why']})",
         f"optimizer:  AdamW, fused kernel in the default run: {kernel}",

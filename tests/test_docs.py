@@ -3,7 +3,8 @@ internal references.
 
 A block is marked by an HTML comment on the line before its fence, invisible on GitHub:
 ``<!-- runnable -->``, or ``<!-- runnable: debug=fast -->`` to append overrides to each ``train.py`` command so
-that it finishes in seconds. Bash blocks run line by line in one scratch directory per page, which holds
+that it finishes in seconds; ``<!-- runnable: slow -->`` puts a block that takes a minute or more behind the
+``slow`` marker (``make test-all`` runs it). Bash blocks run line by line in one scratch directory per page, which holds
 ``train.py``, ``generate.py`` and ``data/`` as the checkout does and starts with one finished default run
 (``outputs/timemachine/...``), so the commands that use a run find one. ``.venv/bin/X`` runs this
 interpreter's ``X``; a ``tensorboard --logdir D`` line becomes ``tensorboard --inspect --logdir D``, which reads
@@ -78,7 +79,15 @@ def _env(work: Path) -> dict[str, str]:
 
 
 CASES = [
-    pytest.param(page, line, lang, extra, body, id=f"{page.relative_to(ROOT)}:{line}")
+    pytest.param(
+        page,
+        line,
+        lang,
+        extra.removeprefix("slow").strip(),
+        body,
+        id=f"{page.relative_to(ROOT)}:{line}",
+        marks=[pytest.mark.slow] if extra.startswith("slow") else [],  # <!-- runnable: slow -->: a minute or more
+    )
     for page in PAGES
     for line, lang, extra, body in blocks(page)
 ]
