@@ -21,7 +21,7 @@ from pathlib import Path
 from bench import ROOT
 from bench.events import RunEvents
 from bench.quality import train
-from bench.report import table, write_json
+from bench.report import plot_time_curves, table, write_json
 from charlm import UserError, reported_user_errors
 from charlm.info import describe, machine_info
 
@@ -37,24 +37,8 @@ def first_reach(seconds: list[float], values: list[float], target: float) -> flo
 
 
 def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError('matplotlib is not installed; run .venv/bin/pip install -e ".[bench]".') from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    for label, (seconds, values) in curves.items():
-        ax.plot(seconds, values, marker="o", markersize=3, label=label)
-    ax.set_xlabel("wall-clock seconds since the run's first event")
-    ax.set_ylabel("validation loss (nats per character)")
-    ax.set_title("The Time Machine: fine-tuned from Tiny Shakespeare vs from scratch")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    title = "The Time Machine: fine-tuned from Tiny Shakespeare vs from scratch"
+    plot_time_curves(curves, out, "validation loss (nats per character)", title)
 
 
 def main(argv: list[str] | None = None) -> None:

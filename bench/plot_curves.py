@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import ROOT
 from bench.events import RunEvents
+from bench.report import plot_time_curves
 from charlm import UserError, reported_user_errors
 
 TAG = "val/bpc"
@@ -33,24 +34,8 @@ def parse_run(spec: str) -> tuple[str, str]:
 
 
 def plot(runs: dict[str, RunEvents], out: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError('matplotlib is not installed; run .venv/bin/pip install -e ".[bench]".') from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    for label, run in runs.items():
-        ax.plot(run.seconds(TAG), run.values(TAG), marker="o", markersize=3, label=label)
-    ax.set_xlabel("wall-clock seconds since the run's first event")
-    ax.set_ylabel("validation bits per character")
-    ax.set_title("val/bpc against time")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    curves = {label: (run.seconds(TAG), run.values(TAG)) for label, run in runs.items()}
+    plot_time_curves(curves, out, "validation bits per character", "val/bpc against time")
 
 
 def main(argv: list[str] | None = None) -> None:

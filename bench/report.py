@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from charlm import reported_user_errors
+from charlm import UserError, reported_user_errors
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -37,3 +37,26 @@ def measure_or_run(args: argparse.Namespace, measure: Callable[[], dict], run: C
             print(json.dumps(measure()))
         else:
             run(args)
+
+
+def plot_time_curves(curves: dict[str, tuple[list[float], list[float]]], out: Path, ylabel: str, title: str) -> None:
+    """One line per label (seconds, values) against wall-clock time, written to ``out`` as a PNG (matplotlib,
+    the ``bench`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError('matplotlib is not installed; run .venv/bin/pip install -e ".[bench]".') from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for label, (seconds, values) in curves.items():
+        ax.plot(seconds, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("wall-clock seconds since the run's first event")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

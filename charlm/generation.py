@@ -134,31 +134,19 @@ def stream_text(
     prompt: str = "",
     length: int = 200,
     settings: GenerationConfig = GenerationConfig(),
-    *,
-    num_samples: int = 1,
-    unknown: str = "error",
-    generator: torch.Generator | None = None,
-    quantize: str = "none",
+    **options,
 ) -> Iterator[list[str]]:
     """Decoded text as it is produced, one string per sample: first the prompt, then each new character.
 
+    ``options``: ``generate``'s keyword arguments (``num_samples``, ``unknown``, ``generator``, ``quantize``).
     Checks everything before the first yield, as ``generate`` does; ``"".join`` of a sample's pieces is
     the sample. With ``data.unit=byte`` a step's piece is "" until the bytes of a character are complete (and
     U+FFFD for bytes that form none); the last yield then flushes a character cut by the end. With
     ``settings.stop``, a sample ends with (and includes) the first occurrence of the stop text that generated
     text completes; it yields "" from then on, and generation ends once every sample has stopped (or after
     ``length`` tokens)."""
-    steps = generate(
-        net,
-        vocab,
-        prompt,
-        length,
-        settings,
-        num_samples=num_samples,
-        unknown=unknown,
-        generator=generator,
-        quantize=quantize,
-    )
+    steps = generate(net, vocab, prompt, length, settings, **options)
+    num_samples = options.get("num_samples", 1)
     yield [prompt] * num_samples
     decode, stop = vocab.stream_decoder(num_samples), settings.stop
     keep = len(stop or "") - 1  # a stop text may begin in the prompt or earlier text: carry that much
@@ -193,14 +181,7 @@ def _until_stop(pieces: list[str], stop: str, tails: list[str], running: list[bo
     return pieces
 
 
-def sample_text(
-    net: RNNStack,
-    vocab: Vocab,
-    prompt: str = "",
-    length: int = 200,
-    settings: GenerationConfig = GenerationConfig(),
-    **kwargs,
-) -> list[str]:
-    """Whole samples as strings, each starting with the prompt (``kwargs``: those of ``stream_text``)."""
-    pieces = list(stream_text(net, vocab, prompt, length, settings, **kwargs))
+def sample_text(*args, **kwargs) -> list[str]:
+    """Whole samples as strings, each starting with the prompt; the arguments are those of ``stream_text``."""
+    pieces = list(stream_text(*args, **kwargs))
     return ["".join(chunks) for chunks in zip(*pieces, strict=True)]

@@ -330,42 +330,41 @@ def help_examples(text: str, script: str) -> list[list[str]]:
     return examples
 
 
-def test_help_says_what_the_commands_do_lists_the_config_groups_and_gives_examples_that_compose():
-    """python train.py --help: a description, every option of every group in conf/ but no ``base`` (the node the
-    Python defaults build), five examples, then Hydra's flags; python generate.py --help: the same, shorter."""
-    train_help = run_cli("train.py", "--help")
-    assert train_help.returncode == 0, train_help.stderr[-3000:]
-    text = train_help.stdout
-    assert text.startswith("charlm-train (python train.py): train a character-level language model")
-    listed = dict(re.findall(r"^  (\w+): (.*)$", text, flags=re.M))
-    groups = [d for d in (ROOT / "conf").iterdir() if d.is_dir() and d.name != "hydra"]
-    assert listed == {d.name: ", ".join(sorted(p.stem for p in d.glob("*.yaml"))) for d in groups}
-    assert "base" not in text.split("Examples:")[0]
+HELP = {  # the command, how its --help starts, a setting it lists
+    "train": (("train.py",), "charlm-train (python train.py): train a character-level language model", "  model:"),
+    "generate": (
+        ("generate.py",),
+        "charlm-generate (python generate.py): sample text from a checkpoint",
+        "temperature: 0.8",
+    ),
+    "score": (
+        ("-m", "charlm.score"),
+        "charlm-score (python -m charlm.score): the log-probability of a text",
+        "streams: 1",
+    ),
+}
+EXAMPLES = {"train": ("train.py", 5), "generate": ("generate.py", 6), "score": ("-m charlm.score", 4)}
+
+
+@pytest.mark.parametrize("app", HELP)
+def test_help_says_what_the_command_does_and_gives_examples_that_compose(app):
+    """``--help``: a description, the settings, then examples (each composes), then Hydra's flags."""
+    command, start, listed = HELP[app]
+    proc = run_cli(*command, "--help") if command[0] != "-m" else run_module(command[1], "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert text.startswith(start) and listed in text
     assert text.index("Examples:") < text.index("Hydra's flags:") < text.index("--multirun,-m")
-    examples = help_examples(text, "train.py")
-    assert len(examples) == 5
+    script, count = EXAMPLES[app]
+    examples = help_examples(text, script)
+    assert len(examples) == count
     for overrides in examples:  # the groups, options and settings they name exist
-        compose_train(overrides)
-
-    gen_help = run_cli("generate.py", "--help")
-    assert gen_help.returncode == 0, gen_help.stderr[-3000:]
-    text = gen_help.stdout
-    assert text.startswith("charlm-generate (python generate.py): sample text from a checkpoint")
-    assert "temperature: 0.8" in text and text.index("Examples:") < text.index("Hydra's flags:")
-    examples = help_examples(text, "generate.py")
-    assert len(examples) == 6
-    for overrides in examples:
-        compose_generate(overrides)
-
-    score_help = run_module("charlm.score", "--help")
-    assert score_help.returncode == 0, score_help.stderr[-3000:]
-    text = score_help.stdout
-    assert text.startswith("charlm-score (python -m charlm.score): the log-probability of a text")
-    assert "streams: 1" in text and text.index("Examples:") < text.index("Hydra's flags:")
-    examples = [args[1:] for args in help_examples(text, "-m charlm.score")]  # after the module's name
-    assert len(examples) == 4
-    for overrides in examples:
-        compose(overrides, config_name="score")
+        compose(overrides[1:] if app == "score" else overrides, config_name=app)  # score's: after the module
+    if app == "train":  # every option of every group, but no ``base`` (the node the Python defaults build)
+        listed = dict(re.findall(r"^  (\w+): (.*)$", text, flags=re.M))
+        groups = [d for d in (ROOT / "conf").iterdir() if d.is_dir() and d.name != "hydra"]
+        assert listed == {d.name: ", ".join(sorted(p.stem for p in d.glob("*.yaml"))) for d in groups}
+        assert "base" not in text.split("Examples:")[0]
 
 
 @pytest.mark.slow

@@ -296,21 +296,21 @@ def test_tensorboard_plots_train_next_to_val_and_counts_the_characters_seen(tiny
     assert seen == [(step, (step + 1) * 4 * 16) for step in steps]  # batch_size x seq_len a step
 
 
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        (["data.path={tmp}/missing.txt"], "does not exist"),
-        (["data.path={tmp}/empty.txt"], "is empty"),
-        (["data.path={tmp}/latin1.txt"], "not valid UTF-8 at byte offset 3"),
-        (["data.path={tmp}/small.txt"], "needs at least"),
-        (["model.dropout=1.0"], "model.dropout"),
-        (["model.num_layers=0"], "model.num_layers"),
-        (["model.cell=transformer"], "model.cell"),
-        (["data.splits=[0.9,0.2,0.1]"], "data.splits"),
-        (["ckpt_path={tmp}/nope.ckpt"], "does not exist"),
-        (["ckpt_path={tmp}/corrupt.ckpt"], "corrupt"),
-    ],
-)
+TRAIN_REFUSES = {  # the overrides (space-separated) -> what its one error line says
+    "data.path={tmp}/missing.txt": "does not exist",
+    "data.path={tmp}/empty.txt": "is empty",
+    "data.path={tmp}/latin1.txt": "not valid UTF-8 at byte offset 3",
+    "data.path={tmp}/small.txt": "needs at least",
+    "model.dropout=1.0": "model.dropout",
+    "model.num_layers=0": "model.num_layers",
+    "model.cell=transformer": "model.cell",
+    "data.splits=[0.9,0.2,0.1]": "data.splits",
+    "ckpt_path={tmp}/nope.ckpt": "does not exist",
+    "ckpt_path={tmp}/corrupt.ckpt": "corrupt",
+}
+
+
+@pytest.mark.parametrize(("args", "match"), TRAIN_REFUSES.items())
 def test_train_cli_rejects_bad_input(tmp_path, tiny_run, args, match):
     out, _, corpus = tiny_run
     for kind in ("empty", "latin1", "small"):
@@ -318,7 +318,7 @@ def test_train_cli_rejects_bad_input(tmp_path, tiny_run, args, match):
     (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     before = {p.name: sha(p) for p in (out / "checkpoints").iterdir()}
     base = tiny_overrides(corpus, out, "trainer.max_epochs=1")  # point at the existing run: nothing may be lost
-    proc = run_cli("train.py", *base, *[a.format(tmp=tmp_path) for a in args])
+    proc = run_cli("train.py", *base, *args.format(tmp=tmp_path).split())
     assert_user_error(proc, match)
     assert {p.name: sha(p) for p in (out / "checkpoints").iterdir()} == before
 
@@ -359,24 +359,24 @@ def test_prompt_file_reads_the_prompt_and_follows_unknown(tiny_run, tmp_path, ca
     assert unk.startswith("aZc ") and unk != direct  # the model read "a?c ", not "abc "
 
 
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        (["prompt=ab", "prompt_file={tmp}/p.txt"], "prompt and prompt_file are both given; pass only one of them."),
-        (["prompt_file={tmp}/missing.txt"], "does not exist; pass a UTF-8 text file."),
-        (["prompt_file={tmp}"], "is a directory; pass a UTF-8 text file."),
-        (["prompt_file={tmp}/latin1.txt"], "is not UTF-8 text (bad byte at offset 1)"),
-        (["stop=''"], "stop='' must be non-empty text"),
-        (["format=xml"], "format='xml' is not known; use one of text, jsonl."),
-        (["threads=0"], "threads=0 must be a whole number >= 1; e.g. threads=1 (null: torch's default)."),
-    ],
-)
+SAMPLER_REFUSES = {  # the options (space-separated) -> the error
+    "prompt=ab prompt_file={tmp}/p.txt": "prompt and prompt_file are both given; pass only one of them.",
+    "prompt_file={tmp}/missing.txt": "does not exist; pass a UTF-8 text file.",
+    "prompt_file={tmp}": "is a directory; pass a UTF-8 text file.",
+    "prompt_file={tmp}/latin1.txt": "is not UTF-8 text (bad byte at offset 1)",
+    "stop=''": "stop='' must be non-empty text",
+    "format=xml": "format='xml' is not known; use one of text, jsonl.",
+    "threads=0": "threads=0 must be a whole number >= 1; e.g. threads=1 (null: torch's default).",
+}
+
+
+@pytest.mark.parametrize(("args", "match"), SAMPLER_REFUSES.items())
 def test_sampler_options_reject_bad_input_in_one_line(tiny_run, tmp_path, args, match):
     out, _, _ = tiny_run
     (tmp_path / "p.txt").write_text("ab", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("a\xe9b".encode("latin-1"))
     with pytest.raises(UserError, match=re.escape(match)):
-        sample(compose_generate([f"ckpt={out}/checkpoints/best.ckpt", *(a.format(tmp=tmp_path) for a in args)]))
+        sample(compose_generate([f"ckpt={out}/checkpoints/best.ckpt", *args.format(tmp=tmp_path).split()]))
 
 
 def test_threads_sets_the_samplers_threads_and_then_gives_them_back(tiny_run, monkeypatch, capsys):
