@@ -37,6 +37,9 @@ KNOWN_WARNINGS = (
         "category": PossibleUserWarning,
         "module": r"pytorch_lightning\.trainer\.connectors\.logger_connector\.result",
     },
+    # A resume continues in its own run directory, whose checkpoints are its own; a new run into a directory that
+    # holds another run's checkpoints is refused before Lightning looks (charlm.runs).
+    {"message": r"Checkpoint directory .* exists and is not empty"},
     # Lightning's own use of a torch API that torch deprecated; nothing in charlm calls it.
     {
         "message": r"`isinstance\(treespec, LeafSpec\)` is deprecated",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from tests.conftest import assert_user_error, make_text, run_cli, split_record, tiny_overrides
 
@@ -50,6 +51,16 @@ def test_one_header_line_and_no_chatter_before_training(shown):
     everything = shown.proc.stdout + shown.proc.stderr
     for chatter in ("litlogger", "LeafSpec", "was configured", "GPU available", "Total params", "`Trainer.fit`"):
         assert chatter not in everything, chatter
+
+
+def test_a_resume_into_its_own_run_directory_shows_no_warning(shown):
+    """Lightning warned that the checkpoint directory "exists and is not empty": it is the run's own."""
+    last = shown.out / "checkpoints" / "last.ckpt"
+    resume = [f"ckpt_path={last}", "~callbacks.warn", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+    proc = run_cli("train.py", *resume)  # the record restores the warning probe: dropped
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].endswith(f"| resuming {last}")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
 def test_an_unknown_warning_still_reaches_stderr_and_train_log(shown):

@@ -15,7 +15,7 @@ from charlm.config import build
 from charlm.generation import GenerationConfig, sample_text
 from charlm.module import load_checkpoint
 from charlm.vocab import ByteVocab, CharVocab
-from tests.conftest import compose_train, make_text, tiny_overrides
+from tests.conftest import ROOT, compose_train, make_text, run_train, tiny_overrides
 
 NEW = "QZ"  # corpus B's characters that corpus A (make_text) lacks; A's "a" and "b" are not in B
 
@@ -189,3 +189,26 @@ def test_a_fine_tuned_run_with_an_extended_vocab_resumes(tiny_run, corpus_b, tmp
     resumed = load_checkpoint(last)
     assert math.isfinite(metrics["val/loss"]) and resumed.hparams.init_from.endswith("best.ckpt")
     assert set(NEW) <= set(resumed.vocab.chars) and torch.load(last, weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_a_time_machine_model_fine_tuned_onto_tiny_shakespeare_samples_its_new_characters(tmp_path):
+    """The shipped corpora: Tiny Shakespeare has characters The Time Machine lacks ($, &, 3, Z); the fine-tuned
+    model takes them in a prompt (unknown=error) and samples them."""
+    quick = ["debug=fast", "trainer.max_epochs=1", "trainer.limit_train_batches=60", "sample_length=0", "test=false"]
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    run_train(tmp_path / "tm", *quick, cache, "logger=none")
+    run_train(tmp_path / "ts", *quick, cache, "data=tinyshakespeare", f"init_from={tmp_path / 'tm'}")
+    source = load_checkpoint(tmp_path / "tm" / "checkpoints" / "best.ckpt")
+    tuned = load_checkpoint(tmp_path / "ts" / "checkpoints" / "best.ckpt")
+    new = set(tuned.vocab.chars) - set(source.vocab.chars)
+    shakespeare, time_machine = (
+        (ROOT / "data" / f).read_text("utf-8") for f in ("tinyshakespeare.txt", "timemachine.txt")
+    )
+    assert new == set(shakespeare) - set(time_machine) and new
+    assert tuned.vocab.chars[: len(source.vocab)] == source.vocab.chars  # old ids first, unchanged
+    gen = torch.Generator().manual_seed(0)
+    prompt = "KING " + "".join(sorted(new)) + " "
+    settings = GenerationConfig(temperature=2.0)  # the new characters are rare: sample them where they show
+    (text,) = sample_text(tuned.net, tuned.vocab, prompt, 3000, settings, unknown="error", generator=gen)
+    assert text.startswith(prompt) and new & set(text[len(prompt) :])

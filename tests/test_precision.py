@@ -228,7 +228,9 @@ def test_a_run_prints_and_records_its_precision_and_recipe(tmp_path, monkeypatch
 def test_an_unknown_recipe_is_one_line(tmp_path):
     proc = run_cli("train.py", "experiment=shakespeare_1min", "recipe=fp16", f"hydra.run.dir={tmp_path / 'r'}")
     (line,) = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and split_record(line)[0] == (
+    error, record = split_record(line)
+    assert (record / "train.log").read_text().splitlines() == [line]  # the log went along with the record
+    assert proc.returncode == 2 and error == (
         "error: recipe='fp16' is not a recipe of this experiment; pass recipe=bf16 or recipe=fp32, or leave recipe"
         " out to pick the one tuned for trainer.precision."
     ), proc.stderr[-2000:]
