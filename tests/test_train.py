@@ -106,18 +106,15 @@ def test_tensorboard_opens_on_the_curves_with_a_curated_hparams_entry(tiny_run):
     assert (values["model.hidden_size"], values["data.corpus"]) == (32, "tiny")
 
 
+ONE_QUIET_EPOCH = ["trainer.max_epochs=1", "test=false", "sample_length=0", "callbacks.text_sample=null"]
+
+
 def test_hparams_lists_the_settings_that_differ_between_runs_first(tiny_run, tmp_path):
     """No experiment summary: TensorBoard then builds the table from all runs, the settings whose values differ
     first (it shows five), and the metrics after them are the runs' scalars by name: the val curves first."""
     out, _, corpus = tiny_run
     other = tmp_path / "other"
-    args = [
-        "model.hidden_size=16",
-        "trainer.max_epochs=1",
-        "test=false",
-        "sample_length=0",
-        "callbacks.text_sample=null",
-    ]
+    args = ["model.hidden_size=16", *ONE_QUIET_EPOCH]
     train(compose_train(tiny_overrides(corpus, other, *args)))
     assert hp_metadata.EXPERIMENT_TAG not in hparams_summaries(out) | hparams_summaries(other)
     assert hparams_columns(out, other)[:3] == ["model.hidden_size", "trainer.max_epochs", "data.batch_order"]
@@ -200,13 +197,7 @@ def test_a_resume_from_a_runs_checkpoint_goes_on_in_that_run_with_its_settings(c
     again wins), and it goes on in its own directory: one TensorBoard run whose steps go on, and no Lightning
     warning that the checkpoint directory changed."""
     out = tmp_path / "run"
-    args = [
-        "model.hidden_size=16",
-        "trainer.max_epochs=1",
-        "test=false",
-        "sample_length=0",
-        "callbacks.text_sample=null",
-    ]
+    args = ["model.hidden_size=16", *ONE_QUIET_EPOCH]
     train(compose_train(tiny_overrides(corpus, out, *args), return_hydra_config=True))
     first = loss_steps(out)
     cfg = compose_train([f"ckpt_path={out}/checkpoints/last.ckpt", "trainer.max_epochs=2"])
