@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PIP_ARGS ?=
 ARGS ?=
 
-.PHONY: setup train test test-all lint format clean
+.PHONY: setup train test test-isa test-all lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ train: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
+
+# The hardware-sensitive tests (-m isa) again under every instruction-set class below this CPU's own
+# (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY caps), one pytest process per class; prints a table.
+test-isa: setup
+	$(VENV)/bin/python -m tests.isa_lanes $(ARGS)
 
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 -m "slow or not slow" $(ARGS)

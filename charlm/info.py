@@ -53,6 +53,8 @@ def machine_info() -> dict:
         "cpu": hardware.cpu_model(),
         "cpu_flags": hardware.cpu_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_class": hardware.describe_isa(),
+        "isa_lanes": [c.name for c in hardware.isa_lanes()],
         "cpu_native_bf16": hardware.cpu_native_bf16(),
         "cpu_bf16_lstm_kernel": hardware.cpu_lstm_kernel_runs(torch.bfloat16),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -76,18 +78,23 @@ def describe(info: dict) -> str:
         else "no: mixed precision with clipping (Lightning clips only gradients it unscaled itself)"
     )
     recipes = ", ".join(f"{name} -> {recipe}" for name, recipe in info["recipes"].items()) or "none"
+    lanes = ", ".join(info["isa_lanes"]) or "none"
     lines = [
         f"charlm {info['charlm']} | torch {info['torch']} | lightning {info['lightning']} | hydra {info['hydra']}"
         f" | numpy {info['numpy']} | Python {info['python']}",
         f"platform:   {info['platform']}",
         f"cpu:        {info['cpu']}; {info['logical_cpus']} logical CPUs; flags: {flags};"
         f" torch kernels: {info['cpu_capability']}",
+        f"isa class:  {info['isa_class']}; make test-isa also runs the CPU as: {lanes}",
         f"native bf16 on the CPU: {'yes' if info['cpu_native_bf16'] else 'no'}; fused LSTM under bf16-mixed:"
         f" {'its oneDNN kernel' if info['cpu_bf16_lstm_kernel'] else 'in fp32 (oneDNN has no bf16 LSTM kernel here)'}",
         f"gpu:        {info['gpu'] or 'none'}",
         f"precision:  {info['default_precision']} by default ({info['default_precision_why']})",
         f"optimizer:  AdamW, fused kernel in the default run: {kernel}",
         f"threads:    {info['torch_threads']} torch threads",
+        f"resume:     bit-identical to the uninterrupted run in every precision, where both run as this isa class"
+        f" ({info['isa_class'].split()[0]}) with the same thread count ({info['torch_threads']}):"
+        " the kernels depend on both",
         f"recipes:    {recipes} (experiment -> recipe at {info['default_precision']})",
     ]
     return "\n".join(lines)

@@ -293,6 +293,7 @@ def test_lstmp_ties_weights_with_a_p_wide_embedding_and_exports(tmp_path):
     assert_onnx_step_equals_stepper(onnx_path, model, ids, state)
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("kernel_runs", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_fused_lstm_runs_in_fp32_where_the_cpu_has_no_half_precision_kernel(monkeypatch, dtype, kernel_runs):

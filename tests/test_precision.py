@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def fused_flag(ckpt: dict) -> bool:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("optimizer, scheduler", OPTIM)
+@pytest.mark.parametrize(  # each optimizer once in the isa lanes (make test-isa)
+    "optimizer, scheduler",
+    [pytest.param(*pair, marks=[pytest.mark.isa] if k < 3 else []) for k, pair in enumerate(OPTIM)],
+)
 def test_a_short_fit_with_clipping_trains_under_every_precision(corpus, tmp_path, precision, optimizer, scheduler):
     extra = [f"optim.optimizer={optimizer}", f"optim.scheduler={scheduler}", "optim.decay_start=1"]
     extra += ["optim.lr=1.0", "optim.momentum=0.9"] if optimizer == "sgd" else ["optim.lr=0.03"]
@@ -111,6 +115,7 @@ def fitted(request, corpus, tmp_path_factory) -> tuple[str, Path]:
     return request.param, out
 
 
+@pytest.mark.isa
 def test_a_checkpoint_of_every_precision_reloads_and_samples(fitted):
     precision, out = fitted
     model = load_checkpoint(out / "checkpoints/best.ckpt").eval()
@@ -151,28 +156,61 @@ def test_a_non_finite_loss_under_the_scaler_stops_with_one_line_and_exit_3(corpu
     assert lines[-1].startswith("error: training diverged at step 5") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_sigkill_then_resume_is_exact_under_every_precision(corpus, tmp_path, precision):
-    extra = ["trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=10"]
-    extra.append("callbacks.last_checkpoint.every_n_minutes=0")
-    whole = tmp_path / "whole"
-    train(compose_train(short(corpus, whole, precision, *extra)))
-    cut = tmp_path / "cut"
-    killed = run_cli(
-        "train.py",
-        *short(
-            corpus, cut, precision, *extra, "+callbacks.kill._target_=tests.probe.KillAt", "+callbacks.kill.step=25"
-        ),
-    )
+    """Every run a process of its own, as a user's are: the straight run, the killed one, and its resume (which
+    starts with a validation the straight run never ran, and asks the hardware probes at another step)."""
+    extra = ["trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=5"]
+    extra += ["callbacks.last_checkpoint.every_n_minutes=0", "model.dropout=0.3"]  # dropout: the RNG must resume too
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    straight = run_cli("train.py", *short(corpus, whole, precision, *extra))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    kill = ["+callbacks.kill._target_=tests.probe.KillAt", "+callbacks.kill.step=33"]
+    killed = run_cli("train.py", *short(corpus, cut, precision, *extra, *kill))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert saved(cut)["global_step"] == 20
+    assert saved(cut)["global_step"] == 30  # inside epoch 1: the resume's first forward is a training step
     resume = [f"ckpt_path={cut}/checkpoints/last.ckpt", "~callbacks.kill"]  # the run's record restores the probe
-    train(compose_train(short(corpus, cut, precision, *extra, *resume)))
+    resumed = run_cli("train.py", *short(corpus, cut, precision, *extra, *resume))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = saved(whole), saved(cut)
     assert b["global_step"] == a["global_step"] == 40
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)
-    torch.use_deterministic_algorithms(False)
+    for state_a, state_b in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        for key, value in state_a.items():
+            torch.testing.assert_close(state_b[key], value, rtol=0, atol=0, msg=key)
+
+
+# ---- this machine's own class (and, in make test-isa, each class below it): nothing forced ----
+
+
+def expected_precision() -> str:
+    """What a default run must pick on the class this process runs as (a lane's, under make test-isa)."""
+    lane = os.environ.get("CHARLM_ISA_LANE", charlm.hardware.isa_class().name)
+    return "bf16-mixed" if lane in ("amx", "avx512_bf16") else "32-true"
+
+
+@pytest.mark.isa
+def test_the_default_config_trains_at_the_precision_of_this_isa_class(tmp_path):
+    args = ["debug=fast", "logger=none", "callbacks=no_logger", "sample_length=0", "trainer.enable_progress_bar=false"]
+    args += [f"hydra.run.dir={tmp_path}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_train(args)
+    assert cfg.trainer.precision == expected_precision()
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/loss"])
+    assert fused_flag(saved(tmp_path)) == (expected_precision() == "32-true")
+
+
+@pytest.mark.isa
+@pytest.mark.parametrize("experiment", ["shakespeare_1min", "shakespeare_5min"])
+def test_budget_presets_pick_the_recipe_of_this_isa_class(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.trainer.precision == expected_precision()
+    assert cfg.recipe == ("bf16" if expected_precision() == "bf16-mixed" else "fp32")
+    assert cfg.model.hidden_size == cfg.recipes[cfg.recipe].hidden_size
 
 
 # ---- the hardware probe forced both ways: what a bf16 machine composes runs on any machine ----
@@ -293,6 +331,7 @@ def test_charlm_info_says_what_a_default_run_picks_here(monkeypatch, native):
     assert f"threads:    {torch.get_num_threads()} torch threads" in text
 
 
+@pytest.mark.isa
 def test_charlm_info_runs_as_a_module():
     proc = run_module("charlm.info")
     assert proc.returncode == 0 and proc.stdout.startswith("charlm ") and "precision:" in proc.stdout
