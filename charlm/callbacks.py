@@ -242,6 +242,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
         self._previous_sigint = None
         self.signal = "SIGTERM"  # what stopped the run, for its exit code
+        self.at_once = False  # a second Ctrl+C came
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)  # on every rank: Ctrl+C reaches all
@@ -249,8 +250,15 @@ class PreemptionCheckpoint(pl.Callback):
 
     def _sigint(self, signum, frame) -> None:
         self.signal = "SIGINT"
-        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+        signal.signal(signal.SIGINT, self._sigint_again)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _sigint_again(self, signum, frame) -> None:
+        """A second Ctrl+C: stop at once, wherever the run is (a save in flight leaves the previous file whole);
+        ``charlm-train`` reports it as one line (``Interrupted``), Lightning's exit after a KeyboardInterrupt
+        included."""
+        self.at_once = True
+        raise KeyboardInterrupt
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):

@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from charlm import UserError, reported_user_errors, user_error_in
+from charlm import Interrupted, UserError, reported_user_errors, user_error_in
 from charlm.beam import beam_search, check_beam
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
@@ -58,6 +58,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             with settings_refused(cfg, "fit"):  # what Lightning refuses once it knows the data (val_check_interval)
                 trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        except (KeyboardInterrupt, SystemExit) as e:  # a second Ctrl+C: Lightning exits 1 after one in a step
+            stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            if isinstance(e, SystemExit) and not (stop and stop.at_once):
+                raise
+            last = Path(stop.ckpt_path) if stop else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            kept = f"{last.name} is whole: resume: {resume_command(last)}" if last.is_file() else "nothing was saved"
+            step = trainer.global_step + 1
+            raise Interrupted(f"stopped at once by a second Ctrl+C in step {step}; {kept}.") from None
         except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
             stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
             name = stop.signal if stop else "SIGTERM"
@@ -311,6 +319,12 @@ def hydra_errors_reported(config_name: str):
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl+C outside training (composing, building the token cache, sampling)
+        print(
+            "error: stopped by Ctrl+C; nothing half-written is kept (a token cache is only ever moved in whole).",
+            file=sys.stderr,
+        )
+        raise SystemExit(Interrupted.exit_code) from None
     except ConfigCompositionException as e:
         key = unknown_key(e)
         if key is None:  # what Hydra prints for a CompactHydraException

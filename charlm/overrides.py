@@ -20,7 +20,8 @@ FROM_A_FILE = {"prompt": "prompt_file=PATH", "text": "file=PATH"}
 def check_overrides(args: Sequence[str]) -> None:
     """Refuse, with one line naming the fix, an override holding bytes that are not UTF-8 (Python keeps them as
     surrogates), one Hydra's grammar cannot parse (``prompt=a(b``), and a config group chosen twice
-    (``model=gru model=rnn``: Hydra would merge both into a config that names settings neither has)."""
+    whose choices include one that writes at the top of the config (``model=gru model=rnn``: Hydra merges the two into
+    a config that names settings neither has)."""
     from hydra._internal.utils import get_args_parser  # Hydra's own: which arguments are overrides
 
     overrides = get_args_parser().parse_known_args(list(args))[0].overrides
@@ -47,7 +48,11 @@ def check_overrides(args: Sequence[str]) -> None:
         if "/" in group or (CONF_DIR / group).is_dir():
             chosen.setdefault(group, []).append(line)
     for group, lines in chosen.items():
-        if len(lines) > 1:
+        # a later plain choice replaces an earlier one; a choice that writes at the top (# @package _global_) is
+        # merged with the other instead, into a config naming settings neither has
+        files = [CONF_DIR / group / f"{line.partition('=')[2]}.yaml" for line in lines]
+        merged = any(f.is_file() and f.read_text("utf-8").startswith("# @package _global_") for f in files)
+        if len(lines) > 1 and merged:
             raise UserError(
                 f"{group}= is chosen twice ({', '.join(lines)}); pass one {group}= choice, the one you mean."
             )

@@ -5,11 +5,13 @@ without a terminal logs its progress."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import assert_user_error, run_cli, split_record, tiny_overrides
+from tests.conftest import assert_user_error, run_cli, run_module, split_record, tiny_overrides
 
 QUICK = ("trainer.max_epochs=1", "logger=none", "callbacks=no_logger")
 
@@ -67,3 +69,65 @@ def test_lightning_and_torch_errors_are_one_line_naming_the_setting(tmp_path, co
     assert match in line
     if setting.startswith("model."):
         assert "is available; lower model.hidden_size=10000000 or model.num_layers=2." in line
+
+
+def test_a_group_chosen_twice_is_named(tmp_path, corpus):
+    """52927c0: 'model.hidden_size is not a setting; did you mean model.hidden_size?' (without model.hidden_size
+    on the line: an omegaconf ConfigAttributeError traceback, Missing key rnn_cfg)."""
+    out = tmp_path / "run"
+    proc = run_cli("train.py", *tiny_overrides(corpus, out, *QUICK, "model=gru", "model=rnn"))
+    assert_user_error(proc, "model= is chosen twice (model=gru, model=rnn); pass one model= choice")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ("prompt=a(b", "is not an override Hydra can read; quote its value for Hydra inside the shell's quotes:"),
+        ("prompt=\udcff\udcfe", "prompt= holds bytes that are not UTF-8 text; pass UTF-8 text, or put the text in"),
+    ],
+)
+def test_an_override_hydra_cannot_parse_says_how_to_pass_it(tiny_run, prompt, match):
+    """52927c0: a hydra.errors.OverrideParseException traceback."""
+    line = assert_user_error(run_cli("generate.py", f"ckpt={tiny_run.out}/checkpoints/best.ckpt", prompt), match)
+    if "(" in prompt:
+        assert line.endswith("""'prompt="a(b"'.""")
+
+
+def test_a_resume_of_a_run_with_a_damaged_record_names_the_file(tmp_path, tiny_run):
+    """52927c0: a yaml.parser.ParserError traceback."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.out, run)
+    (run / ".hydra").mkdir(exist_ok=True)  # the shared run was trained in-process, without a record
+    (run / ".hydra/overrides.yaml").write_text("- data=text\n- [broken\n", encoding="utf-8")
+    proc = run_cli("train.py", f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert_user_error(proc, "/.hydra/overrides.yaml is damaged (")
+    assert (run / ".hydra/overrides.yaml").read_text(encoding="utf-8") == "- data=text\n- [broken\n"
+
+
+def test_an_export_into_a_folder_that_cannot_be_made_is_one_line(tmp_path, tiny_run):
+    """52927c0: an OSError (NotADirectoryError) traceback from mkdir, after the export's work."""
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    proc = run_module("charlm.export", f"ckpt={tiny_run.out}/checkpoints/best.ckpt", f"out={tmp_path}/file/m.onnx")
+    assert_user_error(proc, "which is a file; pass out= in a folder")
+
+
+def test_a_second_ctrl_c_during_the_save_exits_130_with_the_checkpoint_whole(tmp_path, corpus):
+    """The first Ctrl+C (after epoch 1, step 84) asks for a last.ckpt; the second comes while it is written.
+    52927c0: a KeyboardInterrupt traceback, exit 1."""
+    out = tmp_path / "run"
+    probes = [
+        "+callbacks.kill._target_=tests.probe.KillAt",
+        "+callbacks.kill.step=90",
+        "+callbacks.kill.signal=SIGINT",
+        "+callbacks.again._target_=tests.probe.KillInSave",
+        "+callbacks.again.phase=temp-written",
+        "+callbacks.again.signal=SIGINT",
+    ]
+    args = tiny_overrides(corpus, out, "logger=none", "callbacks=no_logger", *probes)
+    proc = run_cli("train.py", *args, f"hydra.run.dir={out}")
+    line = assert_user_error(proc, "stopped at once by a second Ctrl+C in step ", code=130, started=True)
+    assert "last.ckpt is whole: resume: " in line
+    saved = torch.load(out / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 84  # the epoch end's, whole
+    assert not list((out / "checkpoints").glob("*.tmp"))
