@@ -131,3 +131,52 @@ def test_a_second_ctrl_c_during_the_save_exits_130_with_the_checkpoint_whole(tmp
     saved = torch.load(out / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 84  # the epoch end's, whole
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_run_without_a_terminal_logs_its_progress(tmp_path, corpus):
+    """stdout is a pipe here: the plain progress line goes to stdout and train.log every 20 steps (and every
+    30 s, which this run is too short to reach reliably: the clock's part is tested in-process below). 52927c0:
+    the header, then nothing until the end (no callbacks.progress_log: refused as not a setting)."""
+    out = tmp_path / "run"
+    every = ("callbacks.progress_log.every_n_steps=40", "callbacks.progress_log.every_s=0")
+    args = tiny_overrides(corpus, out, "logger=none", "callbacks=no_logger", *every)
+    proc = run_cli("train.py", *args, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = (out / "train.log").read_text(encoding="utf-8")
+    lines = [line for line in logged.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" | ")[1] for line in lines] == ["step 40/168", "step 80/168", "step 120/168", "step 160/168"]
+    assert "| val loss -" in lines[0] and "| val loss -" not in lines[-1]  # the last val once there is one
+    assert lines[0] in proc.stdout
+
+
+def test_the_progress_line_follows_its_clock(caplog):
+    """Every 30 s of the injected clock, whatever the steps; nothing where a progress bar is watched."""
+    import logging
+    import types
+
+    from charlm.callbacks import ProgressLog
+
+    now = [0.0]
+    cb = ProgressLog(every_s=30, clock=lambda: now[0], when="always")
+    trainer = types.SimpleNamespace(
+        progress_bar_callback=None,
+        is_global_zero=True,
+        global_step=0,
+        current_epoch=0,
+        estimated_stepping_batches=100,
+        callback_metrics={"train/loss_step": torch.tensor(2.5)},
+    )
+    cb.on_train_start(trainer, None)
+    steps = []
+    with caplog.at_level(logging.INFO, logger="charlm"):
+        for step, t in enumerate([10, 29.9, 30, 31, 59, 60.5, 200], start=1):
+            trainer.global_step, now[0] = step, t
+            before = len(caplog.records)
+            cb.on_train_batch_end(trainer)
+            if len(caplog.records) > before:
+                steps.append(step)
+    assert steps == [3, 6, 7]
+    assert caplog.records[0].getMessage().startswith("epoch 0 | step 3/100 | train loss 2.5000 | val loss -")
+    never = ProgressLog(when="never", clock=lambda: now[0])
+    never.on_train_start(trainer, None)
+    assert not never.active
