@@ -52,7 +52,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``charlm.failed``)."""
     start = time.monotonic()
     with failed_run_set_aside(cfg.paths.output_dir):
-        dm, model, trainer = build(cfg)
+        try:
+            dm, model, trainer = build(cfg)
+        except KeyboardInterrupt:  # e.g. while the token cache is built: its temporary folder goes, never moved in
+            raise Interrupted(
+                "stopped by Ctrl+C before training began; nothing was trained and no partial token cache is kept:"
+                " run the command again."
+            ) from None
         if trainer.is_global_zero:
             log.info(header(cfg, dm, model, trainer))
         try:

@@ -5,14 +5,19 @@ without a terminal logs its progress."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import assert_user_error, make_text, run_cli, run_module, split_record, tiny_overrides
+from tests.conftest import ROOT, assert_user_error, make_text, run_cli, run_module, split_record, tiny_overrides
 
 QUICK = ("trainer.max_epochs=1", "logger=none", "callbacks=no_logger")
 
@@ -203,3 +208,25 @@ def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path):
     plain, _ = train_chars("*.txt")
     assert looped == plain
     assert re.search(r"skipped \d+ files reached twice through symlinks", said), said
+
+
+def test_ctrl_c_while_the_token_cache_is_built_exits_130_and_keeps_no_partial_cache(tmp_path):
+    """Ctrl+C once the cache's temporary folder exists (tokenizing a 40 MB corpus). 52927c0: a KeyboardInterrupt
+    traceback."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(make_text() * 7000, encoding="utf-8")
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(corpus, out, *QUICK), f"hydra.run.dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not any(p.name.count(".tmp") for p in cache.glob("*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the cache was never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    done = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    assert_user_error(done, "stopped by Ctrl+C", code=130)
+    assert not [p for p in cache.glob("*") if ".tmp" in p.name]  # the temporary folder went with it
+    assert not list(cache.glob("*/tokens.npy")) or not list(cache.glob("*.tmp*"))
