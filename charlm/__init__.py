@@ -23,6 +23,12 @@ class Diverged(UserError):
     exit_code = 3
 
 
+class Interrupted(UserError):
+    """Ctrl+C stopped the command where it could not finish the step first; reported like a UserError, exit 130."""
+
+    exit_code = 130
+
+
 @contextmanager
 def reported_user_errors(exit: bool = True, log: logging.Logger | None = None):
     """Turn a UserError (also one wrapped by Hydra's instantiate) into one line on stderr and its exit code.

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -242,6 +243,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
         self._previous_sigint = None
         self.signal = "SIGTERM"  # what stopped the run, for its exit code
+        self.at_once = False  # a second Ctrl+C came
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)  # on every rank: Ctrl+C reaches all
@@ -249,8 +251,15 @@ class PreemptionCheckpoint(pl.Callback):
 
     def _sigint(self, signum, frame) -> None:
         self.signal = "SIGINT"
-        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+        signal.signal(signal.SIGINT, self._sigint_again)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _sigint_again(self, signum, frame) -> None:
+        """A second Ctrl+C: stop at once, wherever the run is (a save in flight leaves the previous file whole);
+        ``charlm-train`` reports it as one line (``Interrupted``), Lightning's exit after a KeyboardInterrupt
+        included."""
+        self.at_once = True
+        raise KeyboardInterrupt
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -317,3 +326,59 @@ class Throughput(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._seen = state_dict["chars_seen"]
+
+
+ProgressWhen = Literal["auto", "always", "never"]  # auto: when there is no progress bar to watch
+
+
+class ProgressLog(pl.Callback):
+    """A plain progress line in the log (stdout and ``train.log``) every ``every_n_steps`` optimizer steps and every
+    ``every_s`` seconds of training (0 turns a trigger off), for runs nobody watches on a terminal (``> log``,
+    nohup, a SLURM job): epoch, step, train loss, the last val loss, chars/s and the time left (``Throughput``'s).
+    ``when=auto`` writes it where the progress bar is off or stdout is not a terminal. ``clock`` is injectable for
+    tests."""
+
+    def __init__(
+        self,
+        every_s: float = 30.0,
+        every_n_steps: int = 0,
+        when: ProgressWhen = "auto",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        number("callbacks.progress_log.every_s", every_s, 0, example="30 (0: off)")
+        whole("callbacks.progress_log.every_n_steps", every_n_steps, 0, example="0 (off)")
+        choice("callbacks.progress_log.when", when, ProgressWhen)
+        self.every_s, self.every_n_steps, self.when, self.clock = every_s, every_n_steps, when, clock
+        self.active, self._last = False, 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        no_bar = trainer.progress_bar_callback is None or not sys.stdout.isatty()
+        self.active = trainer.is_global_zero and (self.when == "always" or (self.when == "auto" and no_bar))
+        self._last = self.clock()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if not self.active:
+            return
+        step, now = trainer.global_step, self.clock()
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        due |= bool(self.every_s) and now - self._last >= self.every_s
+        if due:
+            self._last = now
+            logging.getLogger("charlm").info(progress_line(trainer))
+
+
+def progress_line(trainer: pl.Trainer) -> str:
+    """``epoch 1 | step 120/840 | train loss 1.8421 | val loss 1.9013 | 12,345 chars/s | ETA 3.2 min``; ``-`` for
+    what is not known yet."""
+    m = trainer.callback_metrics
+
+    def shown(key: str, form: str) -> str:
+        return format(float(m[key]), form) if key in m else "-"
+
+    total = trainer.estimated_stepping_batches
+    steps = f"{trainer.global_step}/{total}" if math.isfinite(total) else str(trainer.global_step)
+    return (
+        f"epoch {trainer.current_epoch} | step {steps} | train loss {shown('train/loss_step', '.4f')}"
+        f" | val loss {shown('val/loss', '.4f')} | {shown('train/chars_per_s', ',.0f')} chars/s"
+        f" | ETA {shown('train/eta_min', '.1f')} min"
+    )

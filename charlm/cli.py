@@ -29,21 +29,21 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from charlm import UserError, reported_user_errors, user_error_in
+from charlm import Interrupted, UserError, reported_user_errors, user_error_in
 from charlm.beam import beam_search, check_beam
 from charlm.board import log_hparams
 from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
 from charlm.checkpoint import required_ckpt, write_atomic
 from charlm.checks import choice, whole
-from charlm.config import CONF_DIR, build, compose, register
+from charlm.config import CONF_DIR, REPORTED, build, compose, register
 from charlm.console import header, log
 from charlm.failed import failed_run_set_aside
 from charlm.generation import GenerationConfig, sample_text, stream_text, unescape
+from charlm.lightning_errors import settings_refused
 from charlm.module import CharLM, load_checkpoint
+from charlm.overrides import check_overrides
 from charlm.runs import command_line_with_run_overrides, resume_command
 from charlm.sweeps import summarize, table
-
-REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -52,11 +52,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``charlm.failed``)."""
     start = time.monotonic()
     with failed_run_set_aside(cfg.paths.output_dir):
-        dm, model, trainer = build(cfg)
+        try:
+            dm, model, trainer = build(cfg)
+        except KeyboardInterrupt:  # e.g. while the token cache is built: its temporary folder goes, never moved in
+            raise Interrupted(
+                "stopped by Ctrl+C before training began; nothing was trained and no partial token cache is kept:"
+                " run the command again."
+            ) from None
         if trainer.is_global_zero:
             log.info(header(cfg, dm, model, trainer))
         try:
-            trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+            with settings_refused(cfg, "fit"):  # what Lightning refuses once it knows the data (val_check_interval)
+                trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        except (KeyboardInterrupt, SystemExit) as e:  # a second Ctrl+C: Lightning exits 1 after one in a step
+            stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            if isinstance(e, SystemExit) and not (stop and stop.at_once):
+                raise
+            last = Path(stop.ckpt_path) if stop else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            kept = f"{last.name} is whole: resume: {resume_command(last)}" if last.is_file() else "nothing was saved"
+            step = trainer.global_step + 1
+            raise Interrupted(f"stopped at once by a second Ctrl+C in step {step}; {kept}.") from None
         except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
             stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
             name = stop.signal if stop else "SIGTERM"
@@ -71,11 +86,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     last = str(last_cb.path) if last_cb and last_cb.path.is_file() else ""
     if dm.val_is_cut:  # validation during training saw data.val_chars of the val split: now all of it
         dm.full_val, model.val_name = True, "val_full"
-        trainer.validate(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        with settings_refused(cfg, "fit"):
+            trainer.validate(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     run_test = bool(cfg.test and dm.splits[2] > 0)
     if run_test:
-        trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        with settings_refused(cfg, "fit"):
+            trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k in epoch_metrics}
     log_hparams(cfg, trainer, metrics)
     if trainer.is_global_zero:
@@ -274,8 +291,9 @@ def train_main() -> None:
     one line per failed job and a non-zero exit when its sweeper gives up on failed jobs (Hydra's basic sweeper
     does, Optuna's below ``max_failure_rate`` does not)."""
     register()
-    sys.argv = command_line_with_run_overrides(sys.argv)  # a resume: the run's own overrides, where not given again
     with hydra_errors_reported("train"):
+        check_overrides(sys.argv[1:])
+        sys.argv = command_line_with_run_overrides(sys.argv)  # a resume: the run's overrides, where not given again
         _train_app()
 
 
@@ -289,6 +307,7 @@ def generate_main() -> None:
     """``charlm-generate ckpt=PATH [overrides]``: sample text from a checkpoint."""
     register()
     with hydra_errors_reported("generate"):
+        check_overrides(sys.argv[1:])
         _generate_app()
 
 
@@ -306,13 +325,24 @@ def hydra_errors_reported(config_name: str):
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl+C outside training (composing, building the token cache, sampling)
+        print(
+            "error: stopped by Ctrl+C; nothing half-written is kept (a token cache is only ever moved in whole).",
+            file=sys.stderr,
+        )
+        raise SystemExit(Interrupted.exit_code) from None
     except ConfigCompositionException as e:
         key = unknown_key(e)
         if key is None:  # what Hydra prints for a CompactHydraException
             cause = f"\n{e.__cause__}" if isinstance(e.__cause__, OmegaConfBaseException) else ""
             print(f"{e}{cause}", file=sys.stderr)
             raise SystemExit(1) from None
-        close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
+        known = known_keys(config_name)
+        if key in known:  # a setting of the shipped config that this composition lost (e.g. a user's config file)
+            line = f"{key} is not a setting of the config these choices compose; check the group choices given"
+            print(f"error: {line} (the config: --cfg job).", file=sys.stderr)
+            raise SystemExit(UserError.exit_code) from None
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         fix = f"did you mean {close[0]}" if close else "check its spelling"
         print(f"error: {key} is not a setting; {fix}? (all of them: --cfg job)", file=sys.stderr)
         raise SystemExit(UserError.exit_code) from None

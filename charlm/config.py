@@ -31,12 +31,13 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from charlm import UserError
 from charlm.callbacks import NonFiniteGuard
 from charlm.checkpoint import AtomicCheckpointIO, required_ckpt
-from charlm.checks import number, whole
+from charlm.checks import choice, flag, number, whole
 from charlm.console import ignore_known_warnings
 from charlm.data import CharDataModule
 from charlm.finetune import architecture_from, copy_weights, parse_freeze
 from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
+from charlm.lightning_errors import settings_refused
 from charlm.model import ARCHITECTURE, RNNConfig
 from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
@@ -53,6 +54,7 @@ from charlm.runs import (
 from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
 
 PACKAGE = Path(__file__).resolve().parent
+REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
 
 
 def _shipped(in_package: str, in_checkout: str) -> Path:
@@ -232,6 +234,11 @@ def check_trainer(cfg: DictConfig) -> None:
     ):
         if t.get(name) is not None:
             whole(f"trainer.{name}", t.get(name), minimum, example=10)
+    # Lightning divides by these without checking them (a ZeroDivisionError once fit has begun)
+    if t.get("accumulate_grad_batches") is not None:
+        whole("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1, example="1 (no accumulation)")
+    if t.get("check_val_every_n_epoch") is not None:
+        whole("trainer.check_val_every_n_epoch", t.check_val_every_n_epoch, 1, example="1 (null: by steps)")
     for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
         value = t.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
@@ -267,6 +274,19 @@ def check_devices(t: DictConfig) -> None:
         )
 
 
+def check_run_end(cfg: DictConfig) -> None:
+    """The settings a run uses only once it has trained (the sample it prints, the test, the metric it returns to
+    a sweeper), checked before it trains."""
+    whole("sample_length", cfg.get("sample_length"), 0, example="200 (0: none)")
+    flag("test", cfg.get("test"))
+    bits = "bpb" if cfg.data.get("unit") == "byte" else "bpc"
+    metrics = [f"{stage}/{name}" for stage in REPORTED for name in ("loss", "ppl", bits)]
+    choice("optimized_metric", cfg.get("optimized_metric"), metrics)
+    sample = (cfg.get("callbacks") or {}).get("text_sample")
+    if sample:
+        whole("callbacks.text_sample.length", sample.get("length", 200), 0, example="200")
+
+
 def check_recipe(cfg: DictConfig) -> None:
     """A budget preset with per-precision ``recipes``: ``recipe`` (picked by ``trainer.precision``, or set) must
     name one of them."""
@@ -294,6 +314,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     if rank_zero:
         write_run_record(cfg)  # also for a run that a bad setting stops below: the record says what was run
     check_trainer(cfg)
+    check_run_end(cfg)
     check_recipe(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     start, saved = load_start(cfg)
@@ -305,7 +326,8 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
         check_resume(cfg.ckpt_path, saved, dm, cfg)
     origin = {"init_from": (saved.hparams.get("init_from") if saved else cfg.init_from), "freeze": cfg.freeze}
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    model = instantiate(cfg.model, vocab=dm.vocab.to_dict(), **origin, **optim)
+    with settings_refused(cfg, "model"):  # a model too large to allocate
+        model = instantiate(cfg.model, vocab=dm.vocab.to_dict(), **origin, **optim)
     if start is not None:
         new_chars = "".join(dm.vocab.chars[len(start.vocab) :]) if dm.vocab.unit == "char" else ""
         copy_weights(model.net, start.net, new_chars)
@@ -324,5 +346,6 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     if slurm_job() is not None:  # SlurmRequeue says why it, not Lightning's auto_requeue, saves and requeues
         callbacks.append(SlurmRequeue(run_last_ckpt(cfg.paths.output_dir)))
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    with settings_refused(cfg, "trainer"):  # a trainer.* value Lightning refuses
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return dm, model, trainer

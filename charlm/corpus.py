@@ -5,6 +5,7 @@ that writes their tokens (characters or bytes) as .npy."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import sys
@@ -33,10 +34,10 @@ def corpus_files(path: str | Path) -> list[Path]:
     recursive); or a glob's matches (sorted; ``**`` recurses)."""
     text = str(path)
     if _GLOB.search(text):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
-        if not files:
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if Path(p).is_file())
+        if not matches:
             raise UserError(f"data.path={text!r} matches no files; check the pattern, e.g. data.path='books/*.txt'.")
-        return files
+        return read_once(matches)
     folder = Path(text).expanduser()
     if folder.is_dir():
         files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
@@ -44,6 +45,24 @@ def corpus_files(path: str | Path) -> list[Path]:
             raise UserError(f"data.path={text!r} is an empty folder; put UTF-8 text files in it, or pass a file.")
         return files
     return [existing_file(folder)]
+
+
+def read_once(files: list[Path]) -> list[Path]:
+    """``files`` with each real file once (the first path reaching it): a ``**`` glob follows symlinks to folders,
+    so a link to a folder above (``books/loop -> .``) reaches the same files again and again. Says how many
+    paths it skipped, in one line."""
+    seen: set[Path] = set()
+    once = []
+    for f in files:
+        real = f.resolve()
+        if real not in seen:
+            seen.add(real)
+            once.append(f)
+    if len(once) < len(files):
+        logging.getLogger("charlm").warning(
+            f"data.path: skipped {len(files) - len(once)} files reached twice through symlinks (each file is read once)"
+        )
+    return once
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,10 +27,12 @@ from torch import nn
 
 from charlm import UserError, reported_user_errors
 from charlm.checkpoint import required_ckpt, write_atomic
+from charlm.cli import hydra_errors_reported
 from charlm.config import CONF_DIR
 from charlm.generation import Stepper, start_ids
 from charlm.model import RNNStack
 from charlm.module import CharLM, load_checkpoint
+from charlm.overrides import check_overrides
 
 FORMATS = ("onnx",)
 VOCAB_FORMAT = 2  # the layout of <stem>.vocab.json; 2: "chars" for byte models too (format 1: null)
@@ -116,6 +120,21 @@ def export_onnx(model: CharLM, out_path: str | Path) -> tuple[Path, Path]:
     return onnx_path, vocab_path
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse an ``out=`` whose folder cannot be written, or made (``mkdir -p``), before the export's work."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"out= is inside {str(existing)!r}, which is a file; pass out= in a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        made = "" if existing == folder.absolute() else f" to make {str(folder)!r} in"
+        raise UserError(
+            f"out= needs a folder it can write, but {str(existing)!r} is read-only{made}; pass out=PATH.onnx in a"
+            " folder you can write, or change its permissions."
+        )
+
+
 def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
 
@@ -125,16 +144,23 @@ def export(cfg: DictConfig) -> tuple[Path, Path]:
     ckpt = required_ckpt(cfg.ckpt)
     if cfg.format not in FORMATS:
         raise UserError(f"format={cfg.format!r} is not a known export format; use one of: {', '.join(FORMATS)}.")
-    require_onnx()
     onnx_path = Path(cfg.out) if cfg.out else ckpt.with_suffix(".onnx")
     targets = (onnx_path, vocab_path_for(onnx_path))
+    check_writable(onnx_path.parent)
+    require_onnx()
     for path in targets:
         if path.is_dir():
             raise UserError(f"out={str(path)!r} is a directory; pass a file path, e.g. out={path / 'model.onnx'}.")
         if _same_file(path, ckpt):
             raise UserError(f"exporting to {str(path)!r} would overwrite the checkpoint; pass out=PATH.onnx.")
     replaced = [str(p) for p in targets if p.exists()]  # an earlier export: said below, not silently
-    paths = export_onnx(load_checkpoint(ckpt), onnx_path)
+    try:
+        paths = export_onnx(load_checkpoint(ckpt), onnx_path)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: the earlier files stay whole
+        where = e.filename or onnx_path.parent
+        raise UserError(
+            f"cannot write {str(where)!r} ({e.strerror}); pass out=PATH.onnx in a folder you can write."
+        ) from None
     size = paths[0].stat().st_size / 2**20
     note = f"; replaced {', '.join(replaced)}" if replaced else ""
     print(f"wrote {paths[0]} ({size:.1f} MiB) and {paths[1]}{note}")
@@ -142,10 +168,16 @@ def export(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
-def main(cfg: DictConfig) -> None:
-    """``charlm-export ckpt=PATH [format=onnx] [out=PATH.onnx]``: the checkpoint as an ONNX step model."""
+def _app(cfg: DictConfig) -> None:
     with reported_user_errors():
         export(cfg)
+
+
+def main() -> None:
+    """``charlm-export ckpt=PATH [format=onnx] [out=PATH.onnx]``: the checkpoint as an ONNX step model."""
+    with hydra_errors_reported("export"):
+        check_overrides(sys.argv[1:])
+        _app()
 
 
 if __name__ == "__main__":

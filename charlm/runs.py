@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from charlm import UserError
 from charlm.checkpoint import write_atomic
@@ -223,11 +223,27 @@ def run_overrides(overrides: list[str], in_run_dir: bool = False) -> list[str]:
     if record is None or not record.is_file():
         return []
     keys = {o.key_or_group for o in given}
-    saved = parse_overrides(list(OmegaConf.load(record)))
+    saved = _recorded_overrides(record)
     restored = [o.input_line for o in saved if o.key_or_group not in keys and o.key_or_group not in NOT_RESTORED]
     if in_run_dir and "paths.output_dir" not in keys:
         restored.append(f"paths.output_dir={hydra_quoted(str(run))}")
     return restored
+
+
+def _recorded_overrides(record: Path) -> list[Override]:
+    """The overrides a run's ``.hydra/overrides.yaml`` lists (a YAML list of ``key=value`` lines), or a UserError
+    naming the file where it is damaged."""
+    try:
+        lines = OmegaConf.load(record)
+        if not isinstance(lines, ListConfig) or not all(isinstance(line, str) for line in lines):
+            raise ValueError("not a list of key=value lines")
+        return parse_overrides(list(lines))
+    except Exception as e:  # YAML's, OmegaConf's or Hydra's parse error, unreadable bytes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{shown(record)} is damaged ({reason}); repair it (one '- key=value' line per override the run was"
+            " started with), or delete it and give the run's settings again on the command line."
+        ) from None
 
 
 def command_line_with_run_overrides(argv: list[str]) -> list[str]:

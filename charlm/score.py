@@ -36,6 +36,7 @@ from charlm.config import CONF_DIR, register
 from charlm.generation import start_ids, unescape
 from charlm.model import RNNStack, State
 from charlm.module import load_checkpoint
+from charlm.overrides import check_overrides
 from charlm.vocab import Unknown, Vocab
 
 CHUNK = 1 << 16  # tokens per forward pass, all streams together (logits: CHUNK x V floats), and bytes per read
@@ -285,6 +286,7 @@ def main() -> None:
     """``charlm-score ckpt=PATH [file=TEXT | text=...] [format=jsonl] [streams=B]``: a text's log-probability."""
     register()
     with hydra_errors_reported("score"):
+        check_overrides(sys.argv[1:])
         _app()
 
 

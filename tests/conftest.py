@@ -143,10 +143,17 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
-def run_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str, *args: str, cwd: Path | None = None, traceback_ok: bool = False
+) -> subprocess.CompletedProcess:
     """Run a script of the checkout (``train.py``, ``generate.py``) as a process, by default from a fresh
-    temporary directory, so that runs without ``hydra.run.dir`` leave no outputs/ in the checkout."""
-    return _run([sys.executable, str(ROOT / script), *args], cwd or Path(tempfile.mkdtemp(prefix="charlm-cli-")))
+    temporary directory, so that runs without ``hydra.run.dir`` leave no outputs/ in the checkout.
+
+    No command of charlm may end in a Python traceback: one in its stderr fails the test, unless the test is a
+    deliberate crash (``traceback_ok=True``)."""
+    proc = _run([sys.executable, str(ROOT / script), *args], cwd or Path(tempfile.mkdtemp(prefix="charlm-cli-")))
+    assert traceback_ok or "Traceback" not in proc.stderr, f"{script} {' '.join(args)}:\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def run_train(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -158,9 +165,12 @@ def run_train(out: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_module(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a module as ``python -m NAME`` (the benchmarks: ``bench.quality``), from the checkout by default."""
-    return _run([sys.executable, "-m", name, *args], cwd)
+def run_module(name: str, *args: str, cwd: Path = ROOT, traceback_ok: bool = False) -> subprocess.CompletedProcess:
+    """Run a module as ``python -m NAME`` (the benchmarks: ``bench.quality``, the commands: ``charlm.export``),
+    from the checkout by default; a traceback in its stderr fails the test, as ``run_cli``'s does."""
+    proc = _run([sys.executable, "-m", name, *args], cwd)
+    assert traceback_ok or "Traceback" not in proc.stderr, f"-m {name} {' '.join(args)}:\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def run_python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -66,17 +66,19 @@ def _kill(sig: int) -> None:
 
 
 class KillInSave(pl.Callback):
-    """SIGKILL this process at ``phase`` (``charlm.checkpoint.SAVE_PHASES``) of the ``nth`` write of ``name``."""
+    """Send ``signal`` (SIGKILL; SIGINT: a Ctrl+C) to this process at ``phase`` (``charlm.checkpoint.SAVE_PHASES``)
+    of the ``nth`` write of ``name``."""
 
-    def __init__(self, phase: str, nth: int = 2, name: str = "last.ckpt"):
+    def __init__(self, phase: str, nth: int = 2, name: str = "last.ckpt", signal: str = "SIGKILL"):
         assert phase in charlm.checkpoint.SAVE_PHASES, phase
         self.phase, self.nth, self.name, self.reached = phase, nth, name, 0
+        self.signal = getattr(signal_module, signal)
 
     def _hook(self, phase, path):
         if phase == self.phase and path.name == self.name:
             self.reached += 1
             if self.reached == self.nth:
-                _kill(signal.SIGKILL)
+                _kill(self.signal)
 
     def setup(self, trainer, pl_module, stage):
         charlm.checkpoint.save_phase_hooks.append(self._hook)

@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 LAYERS = [
     "charlm",
     "charlm.checks",
+    "charlm.lightning_errors",
     "charlm.hardware",
     "charlm.vocab",
     "charlm.chunks",
@@ -44,6 +45,7 @@ LAYERS = [
     "charlm.console",
     "charlm.config",
     "charlm.info",
+    "charlm.overrides",
     "charlm.cli",
     "charlm.score",
     "charlm.export",
