@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
@@ -74,6 +75,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose record follows a run that was moved (``mv run run2``) or copied
+    (``cp -r orig copy``). Lightning's drops the best score of a checkpoint whose ``dirpath`` is not its own
+    ("dirpath has changed"), so the next validation replaced ``best.ckpt`` with a worse model, and it kept the
+    recorded ``best_model_path``: a copy tested, and reported, the original's ``best.ckpt``. Here the paths
+    recorded under the old ``dirpath`` are read relative to it: where each names a file in this ``dirpath``, the
+    record is this directory's, scores included. Else (a resume into a directory without them) Lightning's rule.
+
+    The class keeps Lightning's name: a callback's state key is its class name and settings, so checkpoints of
+    either load into the other."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            state_dict = followed(state_dict, Path(old), Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+_RECORDED_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")  # and best_k_models' keys
+
+
+def followed(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+    """A ModelCheckpoint's ``state`` with its paths under ``old`` moved to ``new``, where every one of them names
+    a file there; else ``state`` as it is."""
+    best_k = state.get("best_k_models") or {}
+    paths = [p for p in (*(state.get(k) for k in _RECORDED_PATHS), *best_k) if p]
+    if not paths or not all(Path(p).is_relative_to(old) and (new / Path(p).relative_to(old)).is_file() for p in paths):
+        return state
+
+    def moved(path: str) -> str:
+        return str(new / Path(path).relative_to(old)) if path else path
+
+    edited = {k: moved(state.get(k) or "") for k in _RECORDED_PATHS}
+    return state | edited | {"best_k_models": {moved(p): v for p, v in best_k.items()}, "dirpath": str(new)}
 
 
 def write_atomic(path: Path, write) -> None:

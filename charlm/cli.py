@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     and writes ``metrics.json`` into the run directory; a run that fails before its first checkpoint is set aside
     (``charlm.failed``)."""
     start = time.monotonic()
-    with failed_run_set_aside(cfg.paths.output_dir):
+    with failed_run_set_aside(cfg):
         try:
             dm, model, trainer = build(cfg)
         except KeyboardInterrupt:  # e.g. while the token cache is built: its temporary folder goes, never moved in

@@ -34,6 +34,7 @@ from charlm.checkpoint import AtomicCheckpointIO, required_ckpt
 from charlm.checks import choice, flag, number, whole
 from charlm.console import ignore_known_warnings
 from charlm.data import CharDataModule
+from charlm.failed import release_run_logs
 from charlm.finetune import architecture_from, copy_weights, parse_freeze
 from charlm.generation import GenerationConfig
 from charlm.hardware import default_precision, recipe_for
@@ -43,6 +44,7 @@ from charlm.module import CharLM, load_checkpoint
 from charlm.optim import OptimConfig
 from charlm.runs import (
     check_run_dir,
+    check_writable,
     run_dir,
     run_id,
     run_name,
@@ -302,7 +304,8 @@ def check_recipe(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     """Seed, then data -> model -> callbacks -> loggers -> Trainer, in that order; user errors surface before
-    anything is written."""
+    anything is written into the run directory: its record (``.hydra/``) and ``train.log`` only once all of them
+    are checked, so that a refused command changes nothing there."""
     move_renamed(cfg)  # a config from the Hydra app; compose() has moved them already
     ignore_known_warnings()
     requeued = requeued_resume_path(cfg.paths.output_dir)
@@ -312,7 +315,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
         cfg.ckpt_path, cfg.init_from = requeued, None  # the run's own checkpoint records its init_from
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 re-run this script into rank 0's directory
     if rank_zero:
-        write_run_record(cfg)  # also for a run that a bad setting stops below: the record says what was run
+        check_writable(cfg.paths.output_dir, cfg.ckpt_path)
     check_trainer(cfg)
     check_run_end(cfg)
     check_recipe(cfg)
@@ -348,4 +351,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     with settings_refused(cfg, "trainer"):  # a trainer.* value Lightning refuses
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    if rank_zero:
+        write_run_record(cfg)
+    release_run_logs()
     return dm, model, trainer

@@ -66,17 +66,6 @@ class Below(logging.Filter):
         return record.levelno < self.level
 
 
-class RunLogFile(logging.FileHandler):
-    """``train.log``: a FileHandler that drops a line once its run directory is gone, where the plain one raised
-    a traceback. A data-parallel run that fails before its first checkpoint has its directory set aside by rank 0
-    (``charlm.failed``) while another rank may still log its error line, which it shows on stderr all the same."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.stream is None and not os.path.isdir(os.path.dirname(self.baseFilename)):
-            return
-        super().emit(record)
-
-
 def header(cfg: DictConfig, dm: CharDataModule, model: CharLM, trainer: pl.Trainer) -> str:
     """The one line before the progress bar: what is trained, on what, at which precision, and where to, e.g.
     ``training lstm 2x256 (1.1 M params) on timemachine (vocab 28, 173,390 train chars) | bf16-mixed | outputs/...``.

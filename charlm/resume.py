@@ -163,8 +163,8 @@ CARRIED: tuple[Piece, ...] = (
         "best checkpoint record",
         "callbacks.ModelCheckpoint*",
         "pytorch_lightning.callbacks.ModelCheckpoint.state_dict",
-        "pytorch_lightning.callbacks.ModelCheckpoint.load_state_dict",  # all of it only in the same directory
-        "a resume in the run's own directory: whether best.ckpt is replaced",
+        "charlm.checkpoint.ModelCheckpoint.load_state_dict",  # a moved or copied run's paths follow it
+        "a resume in the run's own directory (moved or copied too): whether best.ckpt is replaced",
     ),
 )
 

@@ -165,19 +165,33 @@ def check_run_dir(output_dir: str | Path, ckpt_path: str | None, overwrite: bool
     )
 
 
+def check_writable(output_dir: str | Path, ckpt_path: str | None) -> None:
+    """Refuse a run directory (or its ``checkpoints/``) this process cannot write, a read-only mount or another
+    user's folder, before anything is written: Hydra's record and Lightning's first save would end in a traceback."""
+    run = Path(output_dir).expanduser()
+    for folder in (run, run / "checkpoints"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            fix = (
+                "copy the run somewhere writable (cp -r) and resume from the copy's checkpoints/last.ckpt"
+                if ckpt_path
+                else "pick another hydra.run.dir"
+            )
+            raise UserError(f"the run directory {str(output_dir)!r} is not writable; make it writable, or {fix}.")
+
+
 def write_run_record(cfg: DictConfig) -> None:
     """Write Hydra's record of the run, ``.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``), into the
     run directory, as Hydra does when ``hydra.output_subdir`` is set; also for a config composed with its Hydra
     node (``compose(..., return_hydra_config=True)``), into ``paths.output_dir``; nothing for one without.
 
-    Hydra writes its record before the task function runs, so a run that ``check_run_dir`` then refuses for
-    pointing at another run's directory would have replaced that run's record with its own. So train.yaml sets
-    ``hydra.output_subdir: null``, and this writes nothing into a directory that holds another run's checkpoints.
-    A Hydra callback could not check earlier for every run: a sweep's jobs get no hook before the write
-    (``on_job_start`` comes after it), and a launcher's worker process would not see files restored by the
-    parent. It is written before the settings are checked, so that the record of a refused run says what was
-    run; ``charlm.failed.set_aside_failed_run`` then moves it out of the run directories. Only rank 0 calls this
-    (DDP ranks > 0 re-run the script into its directory)."""
+    Hydra writes its record before the task function runs, so a run refused for pointing at another run's
+    directory, or a resume refused for a setting, would have replaced that run's record with its own. So
+    train.yaml sets ``hydra.output_subdir: null``, and ``charlm.config.build`` calls this once the settings are
+    accepted; for a run refused in a directory it created, ``charlm.failed.set_aside_failed_run`` calls it, and
+    moves the record out of the run directories. A Hydra callback could not write it later for every run: a
+    sweep's jobs get no hook before Hydra's own write would be (``on_job_start`` comes after it), and a launcher's
+    worker process would not see files restored by the parent. Only rank 0 calls this (DDP ranks > 0 re-run the
+    script into its directory)."""
     if HydraConfig.initialized():
         hydra, out = HydraConfig.instance().cfg, Path(HydraConfig.get().runtime.output_dir)
     elif "hydra" in cfg:
@@ -186,8 +200,6 @@ def write_run_record(cfg: DictConfig) -> None:
     else:
         return
     if hydra.hydra.output_subdir is not None:  # set on the command line: Hydra has written it itself
-        return
-    if other_runs_checkpoints(out, cfg.ckpt_path, cfg.overwrite_run_dir):
         return
     record = out / ".hydra"
     record.mkdir(parents=True, exist_ok=True)
