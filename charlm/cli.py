@@ -64,16 +64,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             with settings_refused(cfg, "fit"):  # what Lightning refuses once it knows the data (val_check_interval)
                 trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        except (KeyboardInterrupt, SystemExit) as e:  # a second Ctrl+C: Lightning exits 1 after one in a step
+        except (KeyboardInterrupt, SystemExit) as e:  # SIGTERMException is a SystemExit too
             stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
-            if isinstance(e, SystemExit) and not (stop and stop.at_once):
+            if isinstance(e, KeyboardInterrupt) or (stop and stop.at_once):  # a second Ctrl+C (Lightning exits 1)
+                last = Path(stop.ckpt_path) if stop else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+                saved = last.is_file()
+                kept = f"{last.name} is whole: resume: {resume_command(last)}" if saved else "nothing was saved"
+                step = trainer.global_step + 1
+                raise Interrupted(f"stopped at once by a second Ctrl+C in step {step}; {kept}.") from None
+            if not isinstance(e, SIGTERMException):
                 raise
-            last = Path(stop.ckpt_path) if stop else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            kept = f"{last.name} is whole: resume: {resume_command(last)}" if last.is_file() else "nothing was saved"
-            step = trainer.global_step + 1
-            raise Interrupted(f"stopped at once by a second Ctrl+C in step {step}; {kept}.") from None
-        except SIGTERMException:  # SIGTERM or Ctrl+C: PreemptionCheckpoint has written last.ckpt
-            stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+            # SIGTERM or one Ctrl+C: PreemptionCheckpoint has written last.ckpt
             name = stop.signal if stop else "SIGTERM"
             where = f"; resume: {resume_command(stop.ckpt_path)}" if stop else ""
             log.warning(f"stopped by {name} after step {trainer.global_step}{where}")

@@ -155,6 +155,33 @@ def _log_files_follow(run: Path, kept: Path | None) -> None:
             logger.removeHandler(handler)
 
 
+def _snapshot(run: Path) -> dict[Path, tuple[bytes, int]]:
+    """The record files of a run directory (``.hydra/``, the logs, ``hparams.yaml``): bytes and mtime."""
+    files = [*run.glob(".hydra/*"), *run.glob("*.log"), run / "hparams.yaml"]
+    return {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files if f.is_file()}
+
+
+def _checkpoints(run: Path) -> dict[Path, tuple[int, int]]:
+    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in run.glob("checkpoints/*.ckpt")}
+
+
+def restore_refused_resume(run: Path, before: set[str], record: dict[Path, tuple[bytes, int]]) -> None:
+    """Put a run's record back as it was when a command that wrote no checkpoint into it was refused (a resume
+    whose setting Lightning refuses once it fits, after the record was rewritten): its files' bytes and mtimes,
+    no new event files, and no more lines in its ``train.log`` (its error line is on the terminal)."""
+    for logger, handler in _file_handlers():
+        if Path(handler.baseFilename).is_relative_to(run):
+            logger.removeHandler(handler)
+            handler.close()
+    for path in [*run.glob(".hydra/*"), *run.glob("*.log"), run / "hparams.yaml", *run.glob("*tfevents*")]:
+        if path.is_file() and path not in record and (path.parent != run or path.name not in before):
+            path.unlink()
+    for path, (data, mtime) in record.items():
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
+        os.utime(path, ns=(mtime, mtime))
+
+
 @contextmanager
 def failed_run_set_aside(cfg: DictConfig) -> Iterator[None]:
     """A run that fails inside this block before its first checkpoint leaves nothing it created in the run
@@ -163,10 +190,14 @@ def failed_run_set_aside(cfg: DictConfig) -> Iterator[None]:
     run = Path(cfg.paths.output_dir).expanduser().absolute()
     new = not run.exists() or any(d == run or d in run.parents for d in _new_dirs)
     before = {e.name for e in run.iterdir()} if run.is_dir() else set()
+    record, checkpoints = _snapshot(run), _checkpoints(run)
     try:
         yield
     except BaseException as e:
         if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP ranks > 0 share rank 0's directory
+            raise
+        if checkpoints and user_error_in(e) is not None and _checkpoints(run) == checkpoints:
+            restore_refused_resume(run, before, record)  # refused before it saved: the run stays as it was
             raise
         kept = set_aside_failed_run(cfg, new, before)
         if kept is not None:

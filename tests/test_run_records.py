@@ -65,6 +65,7 @@ def test_a_refused_resume_leaves_the_runs_record_and_log_as_they_were_and_the_ru
     for args, match in (
         (["model.hidden_size=64"], "has model.hidden_size=32 but this run asks for 64"),
         ([f"data.path={other}"], "was trained on a different vocab"),
+        (["trainer.val_check_interval=100000"], "is refused by Lightning"),  # refused once it fits
     ):
         assert_user_error(run_cli("train.py", ckpt, *args), match)
         assert files(run) == before, args
