@@ -10,6 +10,7 @@ exists; the task notes what is in it (``failed_run_set_aside``). Until the run's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -176,10 +177,11 @@ def restore_refused_resume(run: Path, before: set[str], record: dict[Path, tuple
     for path in [*run.glob(".hydra/*"), *run.glob("*.log"), run / "hparams.yaml", *run.glob("*tfevents*")]:
         if path.is_file() and path not in record and (path.parent != run or path.name not in before):
             path.unlink()
-    for path, (data, mtime) in record.items():
+    for path, (data, mtime) in record.items():  # only what changed: the directory may be read-only
         if not path.is_file() or path.read_bytes() != data:
             path.write_bytes(data)
-        os.utime(path, ns=(mtime, mtime))
+        if path.stat().st_mtime_ns != mtime:
+            os.utime(path, ns=(mtime, mtime))
 
 
 @contextmanager
@@ -197,7 +199,10 @@ def failed_run_set_aside(cfg: DictConfig) -> Iterator[None]:
         if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP ranks > 0 share rank 0's directory
             raise
         if checkpoints and user_error_in(e) is not None and _checkpoints(run) == checkpoints:
-            restore_refused_resume(run, before, record)  # refused before it saved: the run stays as it was
+            # refused before it saved: the run stays as it was (a read-only directory, which nothing changed,
+            # cannot be written back to: the refusal is what to show)
+            with contextlib.suppress(OSError):
+                restore_refused_resume(run, before, record)
             raise
         kept = set_aside_failed_run(cfg, new, before)
         if kept is not None:
