@@ -154,8 +154,9 @@ def default_precision(accelerator: str = "auto") -> tuple[str, str]:
         return "32-true", f"the GPU ({torch.cuda.get_device_name(0)}) has no native bf16"
     if cpu_native_bf16():
         return "bf16-mixed", "the CPU has AVX512-BF16 or AMX (native bf16)"
-    if native_isa_class().name in ("amx", "avx512_bf16"):
-        return "32-true", f"ONEDNN_MAX_CPU_ISA={onednn_cap()} caps the CPU's native bf16 away: bf16 would be emulated"
+    cap = onednn_cap()
+    if cap is not None and native_isa_class().name in ("amx", "avx512_bf16"):
+        return "32-true", f"ONEDNN_MAX_CPU_ISA={cap} caps the CPU's native bf16 away: bf16 would be emulated"
     return "32-true", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 

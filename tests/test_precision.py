@@ -316,7 +316,12 @@ def test_a_fused_checkpoint_from_0_2_0_resumes_on_its_kernel_or_off_it_where_not
 
 @pytest.mark.parametrize("native", [True, False])
 def test_charlm_info_says_what_a_default_run_picks_here(monkeypatch, native):
-    monkeypatch.setattr(charlm.hardware, "cpu_native_bf16", lambda: native)
+    """On a CPU of each kind, uncapped: an AMX CPU (native bf16) and an AVX2 one. (Forcing only the bf16 probe on an
+    AMX CPU made charlm-info blame a cap, 'ONEDNN_MAX_CPU_ISA=None', that was not there.)"""
+    flags = ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16", "amx_tile"]
+    monkeypatch.setattr(charlm.hardware, "cpu_flags", lambda: flags if native else ["avx2"])
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     info = machine_info()
     text = describe(info)
     assert info["default_precision"] == ("bf16-mixed" if native else "32-true")
