@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import table, write_json
-from charlm.cells import CELLS, cells_with
 from charlm.info import describe, machine_info
-from charlm.model import RNNConfig, RNNStack, impls
+from charlm.nn.cells import CELLS, cells_with
+from charlm.nn.rnn import RNNConfig, RNNStack, impls
 
 TARGET_RATIO_AT_256 = 0.5
 QUICK = {"hidden": [16], "batch": 4, "seq_len": 8, "steps": 1, "repeats": 1, "match_lstm": 16}

@@ -7,7 +7,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 
 from charlm import UserError
-from charlm.board import board_tag
+from charlm.runs.board import board_tag
 
 
 def event_dir(path: str | Path) -> Path:

@@ -48,7 +48,7 @@ def _reset_peak() -> int:
 def measure(corpus: Path, work: Path, steps: int) -> dict:
     """Both phases in this fresh process (``steps`` 0: tokenize only): for each, the RSS before it and its peak,
     in bytes."""
-    from charlm.cache import load_tokens
+    from charlm.data.cache import load_tokens
 
     result = {}
     before = _reset_peak()

@@ -7,8 +7,8 @@ the context; and what int8 costs in bits per character on a trained checkpoint.
 
 Three samplers, all at ``GenerationConfig``'s default temperature on the same randomly initialised net (speed
 does not depend on the weights' values):
-- ``charlm``: ``charlm.generation.generate``: the prompt in one pass, then ``charlm.stepper.Stepper``, which runs
-  the cell equations with layer 0's input projection precomputed per token, on float32 weights (exact).
+- ``charlm``: ``charlm.infer.generation.generate``: the prompt in one pass, then ``charlm.nn.stepper.Stepper``,
+  which runs the cell equations with layer 0's input projection precomputed per token, on float32 weights (exact).
 - ``charlm int8``: the same with ``quantize="int8"``: weight-only int8 matrices (bf16 activations).
 - ``fused step``: the same loop, but each character goes through the fused torch layers as a length-1
   sequence (what generate did before the stepper).
@@ -22,7 +22,7 @@ The time to the first character (prompt pass, set-up) is reported apart; "ms per
 every character after it, and must stay flat as the length grows for the first three samplers. Runs whose
 estimated cost exceeds the ``--*-budget`` options are skipped (shown as "-").
 
-``--beams``: beam search (``generate.py beam=K``, ``charlm.beam``) for each K, ``--beam-length`` characters after
+``--beams``: beam search (``generate.py beam=K``, ``charlm.infer.beam``) for each K, ``--beam-length`` characters after
 the prompt: characters of the result per second (each step advances all K beams as one batch).
 
 With ``--ckpt``, the checkpoint's bits per character on ``--text`` (its last ``--tail`` fraction, e.g. the
@@ -42,12 +42,12 @@ import torch
 
 from bench import ROOT
 from bench.report import table, write_json
-from charlm.beam import beam_search
-from charlm.generation import GenerationConfig, Stepper, generate, next_token
+from charlm.data.vocab import CharVocab
+from charlm.infer.beam import beam_search
+from charlm.infer.generation import GenerationConfig, Stepper, generate, next_token
 from charlm.info import describe, machine_info
-from charlm.model import RNNConfig, RNNStack
-from charlm.module import load_checkpoint
-from charlm.vocab import CharVocab
+from charlm.nn.rnn import RNNConfig, RNNStack
+from charlm.training.module import load_checkpoint
 
 TARGET_SINGLE_STREAM = 3000.0  # chars/s, 2x512 LSTM, 2 CPU cores, float32
 TARGET_INT8 = 6000.0  # chars/s, the same with quantize=int8

@@ -19,11 +19,11 @@ import torch
 
 from bench import ROOT
 from bench.report import table, write_json
+from charlm.data.vocab import CharVocab
 from charlm.info import describe, machine_info
-from charlm.model import RNNConfig, RNNStack
-from charlm.module import load_checkpoint
+from charlm.nn.rnn import RNNConfig, RNNStack
 from charlm.score import CHUNK, score
-from charlm.vocab import CharVocab
+from charlm.training.module import load_checkpoint
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from bench.report import table, write_json
 from bench.throughput import StepTimer, compose_run
 from charlm.config import build
 from charlm.info import describe, machine_info
-from charlm.model import RNNConfig, RNNStack
+from charlm.nn.rnn import RNNConfig, RNNStack
 
 ADAMW = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 

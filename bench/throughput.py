@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from bench.report import table, write_json
-from charlm.cells import CELLS
 from charlm.config import build, compose
 from charlm.hardware import default_precision
 from charlm.info import describe, machine_info
-from charlm.model import RNNStack
-from charlm.module import CharLM
+from charlm.nn.cells import CELLS
+from charlm.nn.rnn import RNNStack
+from charlm.training.module import CharLM
 
 TARGET_RATIO = 0.97
 

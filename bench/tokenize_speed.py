@@ -1,4 +1,4 @@
-"""Benchmark corpus -> token cache: ``charlm.cache.load_tokens`` on a built corpus, first run and cached reload.
+"""Benchmark corpus -> token cache: ``charlm.data.cache.load_tokens`` on a built corpus, first run and cached reload.
 
     .venv/bin/python -m bench.tokenize_speed --mb 100
     .venv/bin/python -m bench.tokenize_speed --mb 100 --archive xz   # also the same text read from a .xz
@@ -6,7 +6,7 @@
 
 The corpus is The Time Machine and Tiny Shakespeare, line by line, with a Chinese, accented-Latin, Greek /
 Cyrillic / Hebrew / Arabic or emoji line after every 20th, repeated up to ``--mb`` megabytes (10^6 bytes).
-Each measurement runs in a fresh Python process that first imports charlm.cache (numpy):
+Each measurement runs in a fresh Python process that first imports charlm.data.cache (numpy):
 its RSS then is the import baseline. On Linux the process resets its RSS high-water mark to that baseline
 (/proc/self/clear_refs), so the peak it reports afterwards (VmHWM) belongs to the ``load_tokens`` call
 alone; elsewhere it falls back to ``ru_maxrss``, which also counts the import's transient peak. Targets:
@@ -107,7 +107,7 @@ def max_rss() -> int:
 
 def measure(corpus: Path, cache_dir: Path, preprocess: str) -> dict:
     """One ``load_tokens`` call in this fresh process: its seconds, the RSS before it, and its peak RSS."""
-    from charlm.cache import load_tokens  # here: only the measuring processes need it
+    from charlm.data.cache import load_tokens  # here: only the measuring processes need it
 
     clear_refs = Path("/proc/self/clear_refs")
     if clear_refs.exists():

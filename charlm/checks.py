@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 
 from charlm import UserError
 
@@ -83,3 +84,21 @@ def choice(name: str, value: object, allowed: object) -> str:
     if not isinstance(value, str) or value not in values:
         raise UserError(f"{name}={value!r} is not known; use one of {', '.join(values)}.")
     return value
+
+
+def required_ckpt(ckpt: object, key: str = "ckpt") -> Path:
+    """``ckpt=`` of charlm-generate and charlm-export (or charlm-train's ``init_from=``: ``key``) as a path; refuse a
+    missing one before any work.
+
+    A directory stands for the best checkpoint in it: a run directory's ``checkpoints/best.ckpt``, or, for a
+    folder of runs (``ckpt=outputs/timemachine``), that of the run written last, so a user need not copy a
+    time-stamped path."""
+    if not ckpt:
+        raise UserError(f"no checkpoint given; pass {key}=PATH/TO/best.ckpt.")
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("**/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no run under {str(path)!r} has a checkpoints/best.ckpt; pass {key}=PATH/TO/best.ckpt.")
+    return found[-1]

@@ -7,49 +7,41 @@ and a non-zero exit.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
-import os
-import re
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from charlm import Interrupted, UserError, reported_user_errors, user_error_in
-from charlm.beam import beam_search, check_beam
-from charlm.board import log_hparams
-from charlm.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
-from charlm.checkpoint import required_ckpt, write_atomic
-from charlm.checks import choice, whole
-from charlm.config import CONF_DIR, REPORTED, build, compose, register
-from charlm.console import header, log
-from charlm.failed import failed_run_set_aside
-from charlm.generation import GenerationConfig, sample_text, stream_text, unescape
-from charlm.lightning_errors import settings_refused
-from charlm.module import CharLM, load_checkpoint
-from charlm.overrides import check_overrides
-from charlm.runs import command_line_with_run_overrides, resume_command
-from charlm.sweeps import summarize, table
+from charlm import Interrupted, UserError, reported_user_errors
+from charlm.config import CONF_DIR, REPORTED, build, register
+from charlm.infer.beam import beam_search
+from charlm.infer.generation import GenerationConfig, sample_text, stream_text
+from charlm.infer.options import SampleOptions
+from charlm.overrides import check_overrides, failed_jobs, hydra_errors_reported
+from charlm.runs.board import log_hparams
+from charlm.runs.console import header, log
+from charlm.runs.dirs import command_line_with_run_overrides, resume_command
+from charlm.runs.failed import failed_run_set_aside
+from charlm.training.callbacks import LastCheckpoint, PreemptionCheckpoint, TextSample
+from charlm.training.checkpoint import write_atomic
+from charlm.training.lightning_errors import settings_refused
+from charlm.training.module import CharLM, load_checkpoint
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build, fit, test; return the final metrics. Rank 0 logs the header line and the report (``charlm.console``)
+    """Build, fit, test; return the final metrics. Rank 0 logs the header line and the report (``charlm.runs.console``)
     and writes ``metrics.json`` into the run directory; a run that fails before its first checkpoint is set aside
-    (``charlm.failed``)."""
+    (``charlm.runs.failed``)."""
     start = time.monotonic()
     with failed_run_set_aside(cfg):
         try:
@@ -140,88 +132,43 @@ def report(
         log.info(f"tensorboard: tensorboard --logdir {trainer.loggers[0].save_dir}   (all runs: --logdir outputs)")
 
 
-Format = Literal["text", "jsonl"]  # charlm-generate's output: streamed text | one JSON object per sample
-
-
-def read_prompt(cfg: DictConfig) -> str:
-    """``prompt`` (with its ``\\n``, ``\\t`` and ``\\\\`` escapes decoded) or the UTF-8 text of ``prompt_file``, as it
-    is (never both); neither: start after a newline."""
-    if cfg.prompt is not None and cfg.prompt_file is not None:
-        raise UserError("prompt and prompt_file are both given; pass only one of them.")
-    if cfg.prompt_file is None:
-        return "" if cfg.prompt is None else unescape(str(cfg.prompt))
-    path = Path(str(cfg.prompt_file)).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"prompt_file={str(path)!r} {what}; pass a UTF-8 text file.")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"prompt_file={str(path)!r} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8."
-        ) from None
-    except OSError as e:
-        raise UserError(f"prompt_file={str(path)!r} cannot be read ({e.strerror}); check its permissions.") from None
-
-
-def resolve_device(value: object) -> str:
-    """``device=`` of charlm-generate and charlm-score as a torch device name; ``auto``: cuda if there is one."""
-    device = "cuda" if value == "auto" and torch.cuda.is_available() else str(value).replace("auto", "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device={value} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={value} but no CUDA GPU is available; pass device=cpu.")
-    return device
-
-
 def sample(cfg: DictConfig) -> list[str]:
     """Print samples from a checkpoint and return them (prompt included).
 
     ``format=text``: one sample streams to stdout as it is produced; several are printed one per block, each
     after a ``--- sample i/N ---`` line. ``format=jsonl``: one JSON object per sample and line,
     ``{"sample": i, "prompt": ..., "completion": ..., "stopped": true if the stop text ended it}``.
-    ``beam=K``: the ``num_samples`` best beams instead, best first (``charlm.beam``), each with its ``logprob``
+    ``beam=K``: the ``num_samples`` best beams instead, best first (``charlm.infer.beam``), each with its ``logprob``
     and ``score`` (in jsonl, and on its ``--- beam i/N ---`` line)."""
-    ckpt = required_ckpt(cfg.ckpt)
-    choice("format", cfg.format, Format)
-    device = resolve_device(cfg.device)
-    threads = cfg.get("threads")
-    if threads is not None:
-        whole("threads", threads, 1, example="1 (null: torch's default)")
-    # checked before the checkpoint is read
-    stop = unescape(cfg.stop) if isinstance(cfg.stop, str) else cfg.stop  # 'stop="\\n\\n"': a blank line
-    settings = GenerationConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=stop)
-    if whole("beam", cfg.beam, 0, example="4 (0: sample)"):
-        check_beam(cfg.beam, cfg.num_samples, cfg.length_penalty)
-    prompt = read_prompt(cfg)
-    overrides = {"impl": cfg.impl} if cfg.impl else {}
-    model = load_checkpoint(ckpt, map_location=device, **overrides).eval()
+    opts = SampleOptions.from_config(cfg)  # every option checked, before the checkpoint is read
+    prompt = opts.read_prompt()
+    overrides = {"impl": opts.impl} if opts.impl else {}
+    model = load_checkpoint(opts.ckpt, map_location=opts.device, **overrides).eval()
     default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)  # process-wide: set back when the samples are out
+    torch.set_num_threads(opts.threads or default_threads)  # process-wide: set back when the samples are out
     try:
-        return _print_samples(cfg, model, prompt, settings, device)
+        return _print_samples(opts, model, prompt)
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: GenerationConfig, device: str) -> list[str]:
-    if cfg.beam:
-        return _print_beams(cfg, model, prompt, settings.stop)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
+def _print_samples(opts: SampleOptions, model: CharLM, prompt: str) -> list[str]:
+    if opts.beam:
+        return _print_beams(opts, model, prompt)
+    settings = opts.settings
+    gen = torch.Generator(opts.device).manual_seed(opts.seed)
     pieces = stream_text(
         model.net,
         model.vocab,
         prompt,
-        cfg.length,
+        opts.length,
         settings,
-        num_samples=cfg.num_samples,
-        unknown=cfg.unknown,
+        num_samples=opts.num_samples,
+        unknown=opts.unknown,
         generator=gen,
-        quantize=cfg.quantize,
+        quantize=opts.quantize,
     )
-    if cfg.num_samples == 1 and cfg.format == "text":
+    if opts.num_samples == 1 and opts.format == "text":
         out = []
         for (piece,) in pieces:
             out.append(piece)
@@ -231,7 +178,7 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: Genera
         return ["".join(out)]
     texts = ["".join(chunks) for chunks in zip(*pieces, strict=True)]
     for i, text in enumerate(texts):
-        if cfg.format == "jsonl":
+        if opts.format == "jsonl":
             completion = text[len(prompt) :]
             stopped = bool(settings.stop and completion) and text.endswith(settings.stop)
             record = {"sample": i + 1, "prompt": prompt, "completion": completion, "stopped": stopped}
@@ -241,21 +188,21 @@ def _print_samples(cfg: DictConfig, model: CharLM, prompt: str, settings: Genera
     return texts
 
 
-def _print_beams(cfg: DictConfig, model: CharLM, prompt: str, stop: str | None) -> list[str]:
+def _print_beams(opts: SampleOptions, model: CharLM, prompt: str) -> list[str]:
     beams = beam_search(
         model.net,
         model.vocab,
         prompt,
-        cfg.length,
-        cfg.beam,
-        num_samples=cfg.num_samples,
-        stop=stop,
-        length_penalty=cfg.length_penalty,
-        unknown=cfg.unknown,
-        quantize=cfg.quantize,
+        opts.length,
+        opts.beam,
+        num_samples=opts.num_samples,
+        stop=opts.stop,
+        length_penalty=opts.length_penalty,
+        unknown=opts.unknown,
+        quantize=opts.quantize,
     )
     for i, b in enumerate(beams):
-        if cfg.format == "jsonl":
+        if opts.format == "jsonl":
             record = {"sample": i + 1, "prompt": prompt, "completion": b.completion, "stopped": b.stopped}
             print(json.dumps(record | {"logprob": b.logprob, "score": b.score}, ensure_ascii=False))
         elif len(beams) == 1:
@@ -264,9 +211,6 @@ def _print_beams(cfg: DictConfig, model: CharLM, prompt: str, stop: str | None) 
             print(f"--- beam {i + 1}/{len(beams)}: logprob {b.logprob:.4f}, score {b.score:.4f} ---")
             print(prompt + b.completion)
     return [prompt + b.completion for b in beams]
-
-
-_failed_jobs: list[str] = []  # one line for each job of a sweep that failed in this process (Hydra's basic launcher)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -280,7 +224,7 @@ def _train_app(cfg: DictConfig) -> float | None:
         # also on the error itself, which a launcher's worker process sends back pickled, __dict__ included
         e.sweep_line = f"sweep job {HydraConfig.get().job.num} failed: {e}"
         e.sweep_dir = HydraConfig.get().sweep.dir
-        _failed_jobs.append(e.sweep_line)
+        failed_jobs.append(e.sweep_line)
         raise
     return metrics.get(cfg.optimized_metric)
 
@@ -310,71 +254,3 @@ def generate_main() -> None:
     with hydra_errors_reported("generate"):
         check_overrides(sys.argv[1:])
         _generate_app()
-
-
-@contextmanager
-def hydra_errors_reported(config_name: str):
-    """Report what Hydra itself would print as a traceback or as advice to follow as one line naming the fix:
-    a mistyped setting (Hydra advises ``+key=value``, which adds a key nothing reads: here the closest known key is
-    named instead), and the failed jobs of a sweep, whose first error Hydra's basic sweeper re-raises at its end.
-
-    Hydra prints an error inside its ``hydra.main`` and exits; with ``HYDRA_FULL_ERROR=1`` it re-raises it instead,
-    so it is set here (not when the user set it: then Hydra reports as it does)."""
-    if os.environ.get("HYDRA_FULL_ERROR") is not None:
-        yield
-        return
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        yield
-    except KeyboardInterrupt:  # Ctrl+C outside training (composing, building the token cache, sampling)
-        print(
-            "error: stopped by Ctrl+C; nothing half-written is kept (a token cache is only ever moved in whole).",
-            file=sys.stderr,
-        )
-        raise SystemExit(Interrupted.exit_code) from None
-    except ConfigCompositionException as e:
-        key = unknown_key(e)
-        if key is None:  # what Hydra prints for a CompactHydraException
-            cause = f"\n{e.__cause__}" if isinstance(e.__cause__, OmegaConfBaseException) else ""
-            print(f"{e}{cause}", file=sys.stderr)
-            raise SystemExit(1) from None
-        known = known_keys(config_name)
-        if key in known:  # a setting of the shipped config that this composition lost (e.g. a user's config file)
-            line = f"{key} is not a setting of the config these choices compose; check the group choices given"
-            print(f"error: {line} (the config: --cfg job).", file=sys.stderr)
-            raise SystemExit(UserError.exit_code) from None
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        fix = f"did you mean {close[0]}" if close else "check its spelling"
-        print(f"error: {key} is not a setting; {fix}? (all of them: --cfg job)", file=sys.stderr)
-        raise SystemExit(UserError.exit_code) from None
-    except Exception as e:
-        cause = user_error_in(e)
-        if cause is None:
-            raise
-        if getattr(cause, "sweep_dir", None):  # a sweeper that stops on a failed job skips SweepSummary's end
-            print(table(summarize(cause.sweep_dir)))
-        for line in _failed_jobs or [getattr(cause, "sweep_line", str(cause))]:  # jobs elsewhere: the first
-            print(f"error: {line}", file=sys.stderr)
-        raise SystemExit(cause.exit_code) from None
-    finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-
-
-def unknown_key(error: ConfigCompositionException) -> str | None:
-    """The dotted key of an override that names no setting (``model.hiden_size=64``), or None for other errors."""
-    cause = error.__cause__
-    if isinstance(cause, ConfigKeyError) and cause.full_key:
-        return str(cause.full_key)
-    found = re.match(r"Could not override '([^']+)'", str(error))
-    return found.group(1) if found and isinstance(cause, ConfigAttributeError | ConfigKeyError) else None
-
-
-def known_keys(config_name: str) -> list[str]:
-    """Every dotted key of the shipped ``config_name`` config with its defaults, groups' nodes included."""
-
-    def walk(node: object, prefix: str) -> list[str]:
-        if not isinstance(node, dict):
-            return []
-        return [k for key, value in node.items() for k in (f"{prefix}{key}", *walk(value, f"{prefix}{key}."))]
-
-    return walk(OmegaConf.to_container(compose(config_name=config_name)), "")

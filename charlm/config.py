@@ -29,20 +29,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from charlm import UserError
-from charlm.callbacks import NonFiniteGuard
-from charlm.checkpoint import AtomicCheckpointIO, required_ckpt
-from charlm.checks import choice, flag, number, whole
-from charlm.console import ignore_known_warnings
-from charlm.data import CharDataModule
-from charlm.failed import release_run_logs
-from charlm.finetune import architecture_from, copy_weights, parse_freeze
-from charlm.generation import GenerationConfig
+from charlm.checks import choice, flag, number, required_ckpt, whole
+from charlm.data.datamodule import CharDataModule
 from charlm.hardware import default_precision, recipe_for
-from charlm.lightning_errors import settings_refused
-from charlm.model import ARCHITECTURE, RNNConfig
-from charlm.module import CharLM, load_checkpoint
-from charlm.optim import OptimConfig
-from charlm.runs import (
+from charlm.infer.generation import GenerationConfig
+from charlm.nn.rnn import ARCHITECTURE, RNNConfig
+from charlm.runs.console import ignore_known_warnings
+from charlm.runs.dirs import (
     check_run_dir,
     check_writable,
     run_dir,
@@ -53,10 +46,68 @@ from charlm.runs import (
     run_stamp,
     write_run_record,
 )
-from charlm.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
+from charlm.runs.failed import release_run_logs
+from charlm.runs.slurm import SlurmRequeue, check_slurm_shape, requeued_resume_path, run_last_ckpt, slurm_job
+from charlm.training.callbacks import NonFiniteGuard
+from charlm.training.checkpoint import AtomicCheckpointIO
+from charlm.training.finetune import architecture_from, copy_weights, parse_freeze
+from charlm.training.lightning_errors import settings_refused
+from charlm.training.module import CharLM, load_checkpoint
+from charlm.training.optim import OptimConfig
 
 PACKAGE = Path(__file__).resolve().parent
 REPORTED = ("train", "val", "val_full", "test")  # val_full: the whole val split after training on data.val_chars
+
+
+# The modules that moved into packages in 0.3.0: a config whose ``_target_`` names an old one is told the new name.
+MOVED = {
+    "charlm.vocab": "charlm.data.vocab",
+    "charlm.chunks": "charlm.data.chunks",
+    "charlm.archives": "charlm.data.archives",
+    "charlm.corpus": "charlm.data.corpus",
+    "charlm.cache": "charlm.data.cache",
+    "charlm.batches": "charlm.data.batches",
+    "charlm.data": "charlm.data.datamodule",
+    "charlm.cells": "charlm.nn.cells",
+    "charlm.mincells": "charlm.nn.mincells",
+    "charlm.model": "charlm.nn.rnn",
+    "charlm.stepper": "charlm.nn.stepper",
+    "charlm.generation": "charlm.infer.generation",
+    "charlm.beam": "charlm.infer.beam",
+    "charlm.optim": "charlm.training.optim",
+    "charlm.checkpoint": "charlm.training.checkpoint",
+    "charlm.resume": "charlm.training.resume",
+    "charlm.finetune": "charlm.training.finetune",
+    "charlm.module": "charlm.training.module",
+    "charlm.callbacks": "charlm.training.callbacks",
+    "charlm.lightning_errors": "charlm.training.lightning_errors",
+    "charlm.slurm": "charlm.runs.slurm",
+    "charlm.runs": "charlm.runs.dirs",
+    "charlm.failed": "charlm.runs.failed",
+    "charlm.sweeps": "charlm.runs.sweeps",
+    "charlm.board": "charlm.runs.board",
+    "charlm.console": "charlm.runs.console",
+}
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Refuse a ``_target_`` (a user's own config file) that names a charlm module by its path before 0.3.0."""
+
+    def walk(node: object, key: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{key}[{i}]")
+        elif key.endswith("_target_") and isinstance(node, str) and node.rpartition(".")[0] in MOVED:
+            module, _, name = node.rpartition(".")
+            raise UserError(
+                f"{key}={node} names a module of charlm before 0.3.0; {module} is now {MOVED[module]}:"
+                f" write {MOVED[module]}.{name}."
+            )
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _shipped(in_package: str, in_checkout: str) -> Path:
@@ -150,17 +201,19 @@ def register() -> None:
     for name, resolver in (("charlm_run_id", run_id), ("charlm_run_stamp", run_stamp)):  # one value per run
         OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=True)
     store = ConfigStore.instance()
-    model = {"_target_": "charlm.module.CharLM", "_convert_": "all"} | model_defaults() | old_keys("model")
+    model = {"_target_": "charlm.training.module.CharLM", "_convert_": "all"} | model_defaults() | old_keys("model")
     store.store(group="model", name="base", node=model)
     store.store(group="optim", name="base", node=optim_defaults())
-    data = {"_target_": "charlm.data.CharDataModule", "_convert_": "all"} | data_defaults() | old_keys("data")
+    data = (
+        {"_target_": "charlm.data.datamodule.CharDataModule", "_convert_": "all"} | data_defaults() | old_keys("data")
+    )
     store.store(group="data", name="base", node=data)
     store.store(name="generation", node=asdict(GenerationConfig()))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
     """The config that ``charlm-train`` (``config_name="train"``) or ``charlm-generate`` would run with; a resume from
-    a run's checkpoint with that run's overrides, into its directory (``charlm.runs.run_overrides``)."""
+    a run's checkpoint with that run's overrides, into its directory (``charlm.runs.dirs.run_overrides``)."""
     register()
     if config_name == "train":
         overrides = [*run_overrides(list(overrides), in_run_dir=True), *overrides]
@@ -204,7 +257,7 @@ def load_start(cfg: DictConfig) -> tuple[CharLM | None, CharLM | None]:
             " weights, or ckpt_path alone to resume its run exactly."
         )
     if cfg.ckpt_path:
-        saved = load_checkpoint(cfg.ckpt_path)
+        saved = load_checkpoint(cfg.ckpt_path, resume=True)
         if saved.hparams.get("init_from"):  # its architecture is the one init_from gave it, not the config's
             architecture_from(cfg.model, saved.hparams, command_line(cfg), cfg.ckpt_path, refuse=False)
         return None, saved
@@ -307,6 +360,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, CharLM, pl.Trainer]:
     anything is written into the run directory: its record (``.hydra/``) and ``train.log`` only once all of them
     are checked, so that a refused command changes nothing there."""
     move_renamed(cfg)  # a config from the Hydra app; compose() has moved them already
+    check_targets(cfg)
     ignore_known_warnings()
     requeued = requeued_resume_path(cfg.paths.output_dir)
     if requeued:  # a requeued SLURM job goes on from its own last.ckpt, whatever ckpt_path it was given

@@ -26,13 +26,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from charlm import UserError, reported_user_errors
-from charlm.checkpoint import required_ckpt, write_atomic
-from charlm.cli import hydra_errors_reported
+from charlm.checks import required_ckpt
 from charlm.config import CONF_DIR
-from charlm.generation import Stepper, start_ids
-from charlm.model import RNNStack
-from charlm.module import CharLM, load_checkpoint
-from charlm.overrides import check_overrides
+from charlm.infer.generation import start_ids
+from charlm.nn.rnn import RNNStack
+from charlm.nn.stepper import Stepper
+from charlm.overrides import check_overrides, hydra_errors_reported
+from charlm.training.checkpoint import write_atomic
+from charlm.training.module import CharLM, load_checkpoint
 
 FORMATS = ("onnx",)
 VOCAB_FORMAT = 2  # the layout of <stem>.vocab.json; 2: "chars" for byte models too (format 1: null)

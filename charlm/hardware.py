@@ -191,3 +191,15 @@ def cpu_flags() -> list[str]:
 def _cpuinfo_lines() -> list[str]:
     path = Path("/proc/cpuinfo")
     return path.read_text(errors="replace").splitlines() if path.is_file() else []
+
+
+def resolve_device(value: object) -> str:
+    """``device=`` of charlm-generate and charlm-score as a torch device name; ``auto``: cuda if there is one."""
+    device = "cuda" if value == "auto" and torch.cuda.is_available() else str(value).replace("auto", "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={value} is not a device; pass device=cpu, cuda, cuda:N or auto.") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={value} but no CUDA GPU is available; pass device=cpu.")
+    return device

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from charlm import __version__, hardware
 from charlm.config import CONF_DIR
-from charlm.optim import fused_kernel_allowed
+from charlm.training.optim import fused_kernel_allowed
 
 
 def _version(dist: str) -> str:

@@ -28,16 +28,15 @@ import torch
 from omegaconf import DictConfig
 
 from charlm import UserError, reported_user_errors
-from charlm.checkpoint import required_ckpt
-from charlm.checks import choice, whole
-from charlm.chunks import ChunkedText
-from charlm.cli import hydra_errors_reported, resolve_device
+from charlm.checks import choice, required_ckpt, whole
 from charlm.config import CONF_DIR, register
-from charlm.generation import start_ids, unescape
-from charlm.model import RNNStack, State
-from charlm.module import load_checkpoint
-from charlm.overrides import check_overrides
-from charlm.vocab import Unknown, Vocab
+from charlm.data.chunks import ChunkedText
+from charlm.data.vocab import Unknown, Vocab
+from charlm.hardware import resolve_device
+from charlm.infer.generation import start_ids, unescape
+from charlm.nn.rnn import RNNStack, State
+from charlm.overrides import check_overrides, hydra_errors_reported
+from charlm.training.module import load_checkpoint
 
 CHUNK = 1 << 16  # tokens per forward pass, all streams together (logits: CHUNK x V floats), and bytes per read
 Format = Literal["summary", "jsonl"]  # charlm-score's output: the totals | one JSON object per character, then them

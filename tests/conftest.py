@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from charlm.config import compose
-from charlm.model import RNNConfig, RNNStack
-from charlm.stepper import Stepper
+from charlm.nn.rnn import RNNConfig, RNNStack
+from charlm.nn.stepper import Stepper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ _RECORD = re.compile(r" \(the run's record: (.+)/\)$")
 
 def split_record(line: str) -> tuple[str, Path]:
     """An error line of a run that failed before its first checkpoint, and the record it names at its end
-    (``charlm.failed``: where the run's .hydra/ and train.log went), which must exist."""
+    (``charlm.runs.failed``: where the run's .hydra/ and train.log went), which must exist."""
     found = _RECORD.search(line)
     assert found, f"the error names no record of the run: {line}"
     record = Path(found[1])

@@ -13,7 +13,7 @@ import numpy as np
 import pytorch_lightning as pl
 import pytorch_lightning.callbacks.timer
 
-import charlm.checkpoint
+import charlm.training.checkpoint
 
 
 class RecordBatches(pl.Callback):
@@ -66,11 +66,11 @@ def _kill(sig: int) -> None:
 
 
 class KillInSave(pl.Callback):
-    """Send ``signal`` (SIGKILL; SIGINT: a Ctrl+C) to this process at ``phase`` (``charlm.checkpoint.SAVE_PHASES``)
-    of the ``nth`` write of ``name``."""
+    """Send ``signal`` (SIGKILL; SIGINT: a Ctrl+C) to this process at ``phase``
+    (``charlm.training.checkpoint.SAVE_PHASES``) of the ``nth`` write of ``name``."""
 
     def __init__(self, phase: str, nth: int = 2, name: str = "last.ckpt", signal: str = "SIGKILL"):
-        assert phase in charlm.checkpoint.SAVE_PHASES, phase
+        assert phase in charlm.training.checkpoint.SAVE_PHASES, phase
         self.phase, self.nth, self.name, self.reached = phase, nth, name, 0
         self.signal = getattr(signal_module, signal)
 
@@ -81,10 +81,10 @@ class KillInSave(pl.Callback):
                 _kill(self.signal)
 
     def setup(self, trainer, pl_module, stage):
-        charlm.checkpoint.save_phase_hooks.append(self._hook)
+        charlm.training.checkpoint.save_phase_hooks.append(self._hook)
 
     def teardown(self, trainer, pl_module, stage):
-        charlm.checkpoint.save_phase_hooks.remove(self._hook)
+        charlm.training.checkpoint.save_phase_hooks.remove(self._hook)
 
 
 class StepClock(pl.Callback):

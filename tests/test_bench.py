@@ -18,10 +18,10 @@ from bench.quality import experiments, lightning_time
 from bench.tokenize_speed import NON_ASCII, build_corpus
 from charlm import UserError
 from charlm.config import compose
+from charlm.data.vocab import CharVocab
 from charlm.info import describe, machine_info
-from charlm.model import CELLS, RNNConfig, RNNStack
-from charlm.stepper import Stepper
-from charlm.vocab import CharVocab
+from charlm.nn.rnn import CELLS, RNNConfig, RNNStack
+from charlm.nn.stepper import Stepper
 from tests.conftest import ROOT, assert_user_error, make_text, run_module, tiny_overrides
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -254,7 +254,7 @@ def test_throughput_benchmark_compares_charlm_with_a_plain_loop(tmp_path):
 
 def test_the_int8_quality_check_measures_the_forward_passs_bits():
     from bench.sampling import stepped_bits
-    from charlm.module import CharLM
+    from charlm.training.module import CharLM
 
     torch.manual_seed(0)
     text = make_text(400)

@@ -19,13 +19,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor, Timer
 from pytorch_lightning.strategies import DDPStrategy
 
 import charlm.config
-from charlm.callbacks import TextSample
+from charlm import UserError
 from charlm.config import DATA_DIR, build, compose
-from charlm.data import CharDataModule
-from charlm.generation import GenerationConfig
-from charlm.model import CELLS, RNNConfig
-from charlm.module import CharLM
-from charlm.optim import OptimConfig
+from charlm.data.datamodule import CharDataModule
+from charlm.infer.generation import GenerationConfig
+from charlm.nn.rnn import CELLS, RNNConfig
+from charlm.training.callbacks import TextSample
+from charlm.training.module import CharLM
+from charlm.training.optim import OptimConfig
 from tests.conftest import (
     ROOT,
     compose_generate,
@@ -168,8 +169,8 @@ def test_the_default_run_builds_charlm_with_no_settings(tmp_path, cache_dir):
 # from them) is imported, then prints what the default config holds and what it builds.
 CHANGED_DEFAULTS = """
 import inspect, json, sys
-from charlm.data import CharDataModule
-from charlm.model import RNNConfig
+from charlm.data.datamodule import CharDataModule
+from charlm.nn.rnn import RNNConfig
 
 init = CharDataModule.__init__
 named = [p.name for p in inspect.signature(init).parameters.values() if p.default is not p.empty]
@@ -462,3 +463,22 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
     assert summary["optuna"]["best_params"] == {"model.dropout": 0.1}
     assert summary["optuna"]["best_value"] == pytest.approx(study.best_value)
     assert f"optuna's best: model.dropout=0.1 (val/loss {study.best_value:.4f})" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "old", "new"),
+    [
+        ("callbacks.mine", "charlm.callbacks.Throughput", "charlm.training.callbacks.Throughput"),
+        ("data", "charlm.data.CharDataModule", "charlm.data.datamodule.CharDataModule"),
+        ("logger.tensorboard", "charlm.board.CurvesFirstLogger", "charlm.runs.board.CurvesFirstLogger"),
+    ],
+)
+def test_a_target_naming_a_module_before_the_packages_gets_its_new_name(corpus, tmp_path, key, old, new):
+    """A user's own config written for charlm 0.2 (``_target_: charlm.callbacks.X``) is refused before anything is
+    written, with the path to write instead."""
+    target = f"+{key}._target_={old}" if key == "callbacks.mine" else f"{key}._target_={old}"
+    cfg = compose_train(tiny_overrides(corpus, tmp_path / "run", target))
+    with pytest.raises(UserError, match=re.escape(f"{key}._target_={old} names a module of charlm before 0.3.0")) as e:
+        build(cfg)
+    assert str(e.value).endswith(f"write {new}.")
+    assert not (Path(cfg.paths.output_dir) / ".hydra").exists()

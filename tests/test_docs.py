@@ -182,10 +182,3 @@ def test_readme_is_a_front_page():
     assert len(headings) == len(set(headings)), headings
     for link in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)", "\n".join(lines)):
         assert (ROOT / link).is_file(), link
-
-
-@pytest.mark.parametrize("page", ["README.md", "docs/architecture.md"])
-def test_the_module_maps_name_every_module(page):
-    text = (ROOT / page).read_text("utf-8")
-    missing = [p.name for p in sorted((ROOT / "charlm").glob("*.py")) if p.name not in text]
-    assert not missing, f"{page} does not say what {', '.join(missing)} holds"

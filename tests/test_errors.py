@@ -160,7 +160,7 @@ def test_the_progress_line_follows_its_clock(caplog):
     import logging
     import types
 
-    from charlm.callbacks import ProgressLog
+    from charlm.training.callbacks import ProgressLog
 
     now = [0.0]
     cb = ProgressLog(every_s=30, clock=lambda: now[0], when="always")

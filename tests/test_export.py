@@ -17,7 +17,7 @@ from charlm import UserError
 from charlm.cli import sample, train
 from charlm.config import compose
 from charlm.export import export, export_onnx
-from charlm.module import CharLM, load_checkpoint
+from charlm.training.module import CharLM, load_checkpoint
 from tests.conftest import (
     assert_onnx_step_equals_stepper,
     assert_user_error,

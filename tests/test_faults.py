@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from charlm import UserError, __version__, user_error_in
-from charlm.callbacks import LastCheckpoint, NonFiniteGuard
-from charlm.checkpoint import FORMAT, SAVE_PHASES, AtomicCheckpointIO
 from charlm.cli import sample, train
 from charlm.config import build
-from charlm.generation import GenerationConfig, sample_text
-from charlm.module import CharLM, load_checkpoint
+from charlm.infer.generation import GenerationConfig, sample_text
+from charlm.training.callbacks import LastCheckpoint, NonFiniteGuard
+from charlm.training.checkpoint import FORMAT, SAVE_PHASES, AtomicCheckpointIO
+from charlm.training.module import CharLM, load_checkpoint
 from tests.conftest import (
     ROOT,
     assert_user_error,

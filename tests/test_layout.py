@@ -1,5 +1,6 @@
-"""The house is one-way: each charlm module imports only the ones below it in LAYERS, nothing imports a script,
-nothing edits sys.path, and importing the library registers nothing that belongs to the assembly."""
+"""The house is one-way: the one module map (docs/architecture.md) lists every charlm module, package by package,
+lowest first; each module imports only the ones above it; nothing imports a script, nothing edits sys.path, and
+importing the library registers nothing that belongs to the assembly."""
 
 from __future__ import annotations
 
@@ -12,46 +13,31 @@ import pytest
 
 from tests.conftest import ROOT
 
-# Lowest first: a module may import only modules before it (README, "Architecture").
-LAYERS = [
-    "charlm",
-    "charlm.checks",
-    "charlm.lightning_errors",
-    "charlm.hardware",
-    "charlm.vocab",
-    "charlm.chunks",
-    "charlm.archives",
-    "charlm.corpus",
-    "charlm.cache",
-    "charlm.batches",
-    "charlm.data",
-    "charlm.cells",
-    "charlm.mincells",
-    "charlm.model",
-    "charlm.stepper",
-    "charlm.optim",
-    "charlm.checkpoint",
-    "charlm.resume",
-    "charlm.finetune",
-    "charlm.module",
-    "charlm.generation",
-    "charlm.beam",
-    "charlm.callbacks",
-    "charlm.slurm",
-    "charlm.runs",
-    "charlm.failed",
-    "charlm.board",
-    "charlm.sweeps",
-    "charlm.console",
-    "charlm.config",
-    "charlm.info",
-    "charlm.overrides",
-    "charlm.cli",
-    "charlm.score",
-    "charlm.export",
-]
 SCRIPTS = {"train", "generate"}
 SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\[|=|\.(insert|append|extend)\b)")
+MAP_DOC = ROOT / "docs" / "architecture.md"
+
+
+def module_map() -> list[str]:
+    """The dotted modules of docs/architecture.md's module map, in its order (``charlm/data/`` is ``charlm.data``)."""
+    text = MAP_DOC.read_text(encoding="utf-8")
+    block = text.split("<!-- module map -->", 1)[1].split("```", 2)[1]
+    paths = [line.split()[0] for line in block.splitlines() if line.strip()]
+    return [p.removesuffix("/").removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in paths]
+
+
+def path_of(module: str):
+    parts = module.split(".")
+    package = ROOT.joinpath(*parts)
+    return package / "__init__.py" if package.is_dir() else ROOT.joinpath(*parts[:-1], f"{parts[-1]}.py")
+
+
+def tree_modules() -> set[str]:
+    found = set()
+    for path in (ROOT / "charlm").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return found
 
 
 def imported_modules(path) -> set[str]:
@@ -60,32 +46,57 @@ def imported_modules(path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.name}: a relative import; write the module's full name"
             names.add(node.module)
+            # `from charlm import hardware` imports the module charlm.hardware
+            names |= {f"{node.module}.{alias.name}" for alias in node.names} & tree_modules()
     return names
 
 
-def test_every_charlm_module_has_a_layer():
-    found = {"charlm" if p.stem == "__init__" else f"charlm.{p.stem}" for p in (ROOT / "charlm").glob("*.py")}
-    assert found == set(LAYERS)
+LAYERS = module_map()
+
+
+def test_the_module_map_lists_every_module_of_the_tree_once():
+    assert len(LAYERS) == len(set(LAYERS)), "a module is listed twice"
+    assert set(LAYERS) == tree_modules()
+
+
+def test_the_module_map_lists_each_package_in_one_block_after_its_folder():
+    packages = [m for m in LAYERS if path_of(m).name == "__init__.py" and m != "charlm"]
+    assert packages, "the map names no package folder"
+    for package in packages:
+        members = [i for i, m in enumerate(LAYERS) if m.startswith(f"{package}.")]
+        first = LAYERS.index(package)
+        assert members == list(range(first + 1, first + 1 + len(members))), f"{package}'s modules are not one block"
 
 
 @pytest.mark.parametrize("module", LAYERS)
-def test_modules_import_only_downstream(module):
-    path = ROOT / "charlm" / ("__init__.py" if module == "charlm" else f"{module.split('.')[1]}.py")
+def test_modules_import_only_what_the_map_lists_above_them(module):
+    path = path_of(module)
     below = set(LAYERS[: LAYERS.index(module)])
     ours = {name for name in imported_modules(path) if name == "charlm" or name.startswith("charlm.")}
     assert ours <= below, f"{module} reaches upstream: {sorted(ours - below)}"
     assert not imported_modules(path) & (SCRIPTS | {"tests", "bench"})
 
 
+def test_the_readme_names_each_package_folder_and_points_to_the_map():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    where = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    folders = {m.replace(".", "/") + "/" for m in LAYERS if path_of(m).name == "__init__.py" and m != "charlm"}
+    listed = set(re.findall(r"^(charlm/\w+/)", where, flags=re.M))
+    assert listed == folders
+    assert not re.search(r"\b\w+\.py\b(?<!train\.py)(?<!generate\.py)", where), "a second module map in the README"
+    assert "docs/architecture.md" in where
+
+
 def test_no_script_is_imported_and_no_sys_path_is_edited():
-    files = [*ROOT.glob("charlm/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py"), ROOT / "train.py"]
+    files = [*ROOT.glob("charlm/**/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/**/*.py"), ROOT / "train.py"]
     files.append(ROOT / "generate.py")
     for path in files:
         assert not imported_modules(path) & SCRIPTS, f"{path.name} imports a script"
         assert not SYS_PATH_EDIT.search(path.read_text(encoding="utf-8")), f"{path.name} edits sys.path"
-    for path in ROOT.glob("charlm/*.py"):
+    for path in ROOT.glob("charlm/**/*.py"):
         assert "fmt: skip" not in path.read_text(encoding="utf-8"), f"{path.name} hides positional forwarding"
 
 
@@ -95,7 +106,8 @@ def test_importing_the_library_registers_no_resolvers_or_configs():
     used = {m for path in ROOT.glob("conf/**/*.yaml") for m in re.findall(r"\$\{(charlm_\w+):", path.read_text())}
     assert len(used) >= 8  # charlm_data, _precision, _recipe, _run_id, _run_stamp, _run_name, _run_settings, _run_dir
     code = (
-        "import charlm.module, charlm.generation, charlm.callbacks, charlm.data, charlm.config, charlm.cli\n"
+        "import charlm.training.module, charlm.infer.generation, charlm.training.callbacks\n"
+        "import charlm.data.datamodule, charlm.config, charlm.cli\n"
         "from omegaconf import OmegaConf\n"
         "from hydra.core.config_store import ConfigStore\n"
         "repo = ConfigStore.instance().repo\n"

@@ -27,7 +27,7 @@ import yaml
 from charlm import UserError
 from charlm.cli import train
 from charlm.config import check_trainer
-from charlm.module import load_checkpoint
+from charlm.training.module import load_checkpoint
 from tests.conftest import ROOT, compose_train, dropout_search, make_text, tiny_overrides
 
 JOB = "4242"

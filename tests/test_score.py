@@ -11,15 +11,15 @@ import torch
 from hydra.utils import instantiate
 
 from charlm import UserError
-from charlm.beam import beam_search
-from charlm.chunks import ChunkedText
 from charlm.cli import sample
 from charlm.config import compose
-from charlm.generation import GenerationConfig, generate, sample_text, start_ids
-from charlm.module import load_checkpoint
+from charlm.data.chunks import ChunkedText
+from charlm.data.vocab import CharVocab
+from charlm.infer.beam import beam_search
+from charlm.infer.generation import GenerationConfig, generate, sample_text, start_ids
+from charlm.nn.stepper import Stepper
 from charlm.score import run, score
-from charlm.stepper import Stepper
-from charlm.vocab import CharVocab
+from charlm.training.module import load_checkpoint
 from tests.conftest import assert_user_error, compose_generate, compose_train, run_module, tiny_overrides
 
 GREEDY = GenerationConfig(temperature=0)

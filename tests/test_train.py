@@ -27,9 +27,9 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 import charlm.cli
 from charlm import UserError
 from charlm.cli import sample, train
-from charlm.model import RNNConfig
-from charlm.module import CharLM, load_checkpoint
-from charlm.optim import OptimConfig
+from charlm.nn.rnn import RNNConfig
+from charlm.training.module import CharLM, load_checkpoint
+from charlm.training.optim import OptimConfig
 from tests.conftest import (
     assert_user_error,
     compose_generate,

@@ -1,0 +1,1 @@
+"""Text in, batches out: vocabularies, corpora and archives, the token cache, batch orders, the DataModule."""

@@ -1,0 +1,1 @@
+"""Text from a network: sampling (temperature, top-k, top-p, stop strings) and beam search."""

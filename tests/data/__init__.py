@@ -1,0 +1,1 @@
+"""Tests of charlm.data: the data package."""

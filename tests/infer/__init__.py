@@ -1,0 +1,1 @@
+"""Tests of charlm.infer: sampling and beam search."""

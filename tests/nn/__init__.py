@@ -1,0 +1,1 @@
+"""Tests of charlm.nn: the network package."""

@@ -1,0 +1,1 @@
+"""Tests of charlm.runs: run directories and records, the console."""

@@ -1,0 +1,1 @@
+"""Tests of charlm.training: training: the LightningModule, checkpoints, exact resume, precision."""
