@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple, TextIO
+from typing import BinaryIO, NamedTuple, TextIO
 
 import hydra
 import numpy as np
@@ -28,18 +28,15 @@ import torch
 from omegaconf import DictConfig
 
 from charlm import UserError, reported_user_errors
-from charlm.checks import choice, required_ckpt, whole
+from charlm.checks import choice, whole
 from charlm.config import CONF_DIR, register
 from charlm.data.chunks import ChunkedText
 from charlm.data.vocab import Unknown, Vocab
-from charlm.hardware import resolve_device
 from charlm.infer.generation import start_ids, unescape
+from charlm.infer.options import CHUNK, ScoreOptions
 from charlm.nn.rnn import RNNStack, State
 from charlm.overrides import check_overrides, hydra_errors_reported
 from charlm.training.module import load_checkpoint
-
-CHUNK = 1 << 16  # tokens per forward pass, all streams together (logits: CHUNK x V floats), and bytes per read
-Format = Literal["summary", "jsonl"]  # charlm-score's output: the totals | one JSON object per character, then them
 
 
 @dataclass(frozen=True)
@@ -215,17 +212,15 @@ class JsonLines:
 
 
 @contextmanager
-def text_source(cfg: DictConfig) -> Iterator[str | BinaryIO]:
-    """``text`` (escapes decoded, as generate's prompt), the open ``file``, or stdin; never both of the first."""
-    if cfg.file is not None and cfg.text is not None:
-        raise UserError("file and text are both given; pass only one of them (neither: read stdin).")
-    if cfg.text is not None:
-        yield unescape(str(cfg.text))
+def text_source(opts: ScoreOptions) -> Iterator[str | BinaryIO]:
+    """``text`` (escapes decoded, as generate's prompt), the open ``file``, or stdin."""
+    if opts.text is not None:
+        yield unescape(str(opts.text))
         return
-    if cfg.file is None:
+    if opts.file is None:
         yield sys.stdin.buffer
         return
-    path = Path(str(cfg.file)).expanduser()
+    path = Path(str(opts.file)).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"file={str(path)!r} {what}; pass a UTF-8 text file.")
@@ -239,21 +234,17 @@ def text_source(cfg: DictConfig) -> Iterator[str | BinaryIO]:
 
 def run(cfg: DictConfig) -> ScoreResult:
     """Score as ``cfg`` (conf/score.yaml) says; print the totals (and, with ``format=jsonl``, every character)."""
-    ckpt = required_ckpt(cfg.ckpt)
-    choice("format", cfg.format, Format)
-    whole("streams", cfg.streams, 1, example=8)
-    device = resolve_device(cfg.device)
-    prompt = "" if cfg.prompt is None else unescape(str(cfg.prompt))
-    with text_source(cfg) as source, ExitStack() as stack:
-        model = load_checkpoint(ckpt, map_location=device).eval()
+    opts = ScoreOptions.from_config(cfg)  # every option checked, before the checkpoint is read
+    with text_source(opts) as source, ExitStack() as stack:
+        model = load_checkpoint(opts.ckpt, map_location=opts.device).eval()
         lines = None
-        if cfg.format == "jsonl":
+        if opts.format == "jsonl":
             spools = [
-                stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8")) for _ in range(cfg.streams - 1)
+                stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8")) for _ in range(opts.streams - 1)
             ]
             lines = JsonLines(model.vocab, [sys.stdout, *spools])
-        options = {"streams": cfg.streams, "unknown": cfg.unknown, "chunk": cfg.chunk, "top": cfg.top}
-        result = score(model.net, model.vocab, source, prompt=prompt, each=lines, **options)
+        options = {"streams": opts.streams, "unknown": opts.unknown, "chunk": opts.chunk, "top": opts.top}
+        result = score(model.net, model.vocab, source, prompt=opts.prompt, each=lines, **options)
         if lines is not None:
             lines.finish()
     if lines is not None:

@@ -1,4 +1,5 @@
-"""charlm-generate's options (``conf/generate.yaml``), each checked here, in one place, before a checkpoint is read."""
+"""The options of charlm-generate (``conf/generate.yaml``) and charlm-score (``conf/score.yaml``), each checked
+here, in one place, before a checkpoint is read."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from charlm.nn.rnn import Impl
 from charlm.nn.stepper import Quantize
 
 Format = Literal["text", "jsonl"]  # streamed text | one JSON object per sample
+ScoreFormat = Literal["summary", "jsonl"]  # the totals | one JSON object per character, then the totals
+CHUNK = 1 << 16  # tokens per forward pass, all streams together (logits: CHUNK x V floats), and bytes per read
 
 
 @dataclass
@@ -104,3 +107,46 @@ class SampleOptions:
             raise UserError(
                 f"prompt_file={str(path)!r} cannot be read ({e.strerror}); check its permissions."
             ) from None
+
+
+@dataclass
+class ScoreOptions:
+    """What ``charlm-score`` is asked to do; ``from_config`` reads the composed config."""
+
+    ckpt: str | None = None
+    """A .ckpt written by train.py, a run directory or a folder of runs (required)."""
+    file: str | None = None
+    """The UTF-8 text file to score, read a chunk at a time (any size, constant memory)."""
+    text: str | None = None
+    """Or the text itself, escapes decoded as in generate's prompt (not both); neither: stdin."""
+    prompt: str | None = None
+    """Condition on this text without scoring it; None: the first character follows a newline."""
+    unknown: Unknown = "error"
+    """Characters outside the vocab: refused, scored as the unknown token, or left out."""
+    format: ScoreFormat = "summary"
+    """``summary``: the totals; ``jsonl``: one JSON object per character, then the totals."""
+    top: int = 0
+    """jsonl: also the K likeliest characters at each position, with their log-probabilities."""
+    streams: int = 1
+    """B > 1: B contiguous parts as one batch (faster); parts 2..B start from a zero state."""
+    chunk: int = CHUNK
+    """Characters per forward pass (all streams together) and bytes per read: bounds the memory."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (cuda where there is one)."""
+
+    def __post_init__(self) -> None:
+        self.ckpt = str(required_ckpt(self.ckpt))
+        choice("format", self.format, ScoreFormat)
+        choice("unknown", self.unknown, Unknown)
+        whole("top", self.top, 0, example=5)
+        whole("streams", self.streams, 1, example=8)
+        whole("chunk", self.chunk, 1, example=CHUNK)
+        self.device = resolve_device(self.device)
+        if self.file is not None and self.text is not None:
+            raise UserError("file and text are both given; pass only one of them (neither: read stdin).")
+        self.prompt = "" if self.prompt is None else unescape(str(self.prompt))
+
+    @classmethod
+    def from_config(cls, cfg: object) -> ScoreOptions:
+        """The options of a composed ``score`` config (a mapping with these keys)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})

@@ -9,7 +9,8 @@ from dataclasses import fields
 import pytest
 
 from charlm import UserError
-from charlm.infer.options import SampleOptions
+from charlm.config import compose
+from charlm.infer.options import SampleOptions, ScoreOptions
 from tests.conftest import assert_user_error, compose_generate, run_cli
 
 BAD = [
@@ -59,3 +60,29 @@ def test_a_seed_that_is_no_number_is_one_line_from_generate_py(tiny_run):
     checkpoint was loaded."""
     proc = run_cli("generate.py", f"ckpt={tiny_run.out}/checkpoints/best.ckpt", "seed=abc")
     assert_user_error(proc, "seed='abc' must be a whole number")
+
+
+SCORE_BAD = [
+    ({"format": "csv"}, "format='csv' is not known; use one of summary, jsonl"),
+    ({"unknown": "drop"}, "unknown='drop' is not known; use one of error, unk, skip"),
+    ({"top": -1}, "top=-1 must be a whole number >= 0"),
+    ({"streams": 0}, "streams=0 must be a whole number >= 1"),
+    ({"chunk": 0}, "chunk=0 must be a whole number >= 1"),
+    ({"device": "cuda:x"}, "device=cuda:x is not a device"),
+    ({"file": "a.txt", "text": "abc"}, "file and text are both given"),
+]
+
+
+@pytest.mark.parametrize(("options", "match"), SCORE_BAD, ids=[next(iter(o)) for o, _ in SCORE_BAD])
+def test_each_bad_score_option_is_refused_before_the_checkpoint_is_read(tmp_path, options, match):
+    """Before ScoreOptions, unknown=, top= and chunk= were refused only once the checkpoint was loaded."""
+    garbage = tmp_path / "not_a.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="^" + re.escape(match)):
+        ScoreOptions(ckpt=str(garbage), **options)
+
+
+def test_the_score_options_are_the_settings_of_the_score_config():
+    cfg = compose(["ckpt=x.ckpt"], config_name="score")
+    assert {f.name for f in fields(ScoreOptions)} == set(cfg)
+    assert ScoreOptions.from_config(cfg).prompt == "" and ScoreOptions(ckpt="x.ckpt", prompt="a\\nb").prompt == "a\nb"
