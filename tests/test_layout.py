@@ -5,6 +5,7 @@ importing the library registers nothing that belongs to the assembly."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -32,12 +33,13 @@ def path_of(module: str):
     return package / "__init__.py" if package.is_dir() else ROOT.joinpath(*parts[:-1], f"{parts[-1]}.py")
 
 
-def tree_modules() -> set[str]:
+@functools.cache
+def tree_modules() -> frozenset[str]:
     found = set()
     for path in (ROOT / "charlm").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
         found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return found
+    return frozenset(found)
 
 
 def imported_modules(path) -> set[str]:
